@@ -1,0 +1,3 @@
+"""Ctrlable Provisioner companion service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""The aiohttp application factory: services, routes, middlewares, start-up and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .events import EventBus
+from .manifest import ReleaseCatalog
+from .releases import Releases
+from .routes import core
+from .services import SERVICES, Services
+from .settings import Settings
+from .state import Database
+from .web import Api, auth_middleware_factory, error_middleware_factory
+
+_LOGGER = logging.getLogger(__name__)
+
+# Each plane's routes; a plane adds its module here.
+ROUTE_MODULES = [core]
+
+MAX_BODY = 4 * 1024 * 1024
+
+
+def build_api() -> Api:
+    api = Api()
+    for module in ROUTE_MODULES:
+        module.register(api)
+    return api
+
+
+async def build_services(settings: Settings) -> Services:
+    """Open the DB and build every plane. Planes add themselves below, in dependency order."""
+    db = await Database.open(settings.db_path)
+    events = EventBus(db)
+    catalog = ReleaseCatalog.load(settings.releases_dir)
+    releases = Releases(db, catalog, events)
+    await releases.sync_catalog()
+    services = Services(settings, db, events, catalog, releases)
+    return services
+
+
+def create_app(settings: Settings, services: Services | None = None) -> web.Application:
+    api = build_api()
+    app = web.Application(
+        client_max_size=MAX_BODY,
+        middlewares=[
+            error_middleware_factory(),
+            auth_middleware_factory(
+                api,
+                bearer_token=settings.api_token.get_secret_value,
+                firstboot_secret=settings.firstboot_secret.get_secret_value,
+            ),
+        ],
+    )
+    api.mount(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        built = services if services is not None else await build_services(settings)
+        app[SERVICES] = built
+        started = []
+        try:
+            for component in built.components:
+                await component.start()
+                started.append(component)
+            _LOGGER.info(
+                "companion ready on %s:%s (data %s)",
+                settings.listen_host,
+                settings.listen_port,
+                settings.data_dir,
+            )
+            yield
+        finally:
+            for component in reversed(started):
+                try:
+                    await component.stop()
+                except Exception:
+                    _LOGGER.exception("error stopping %s", type(component).__name__)
+            await built.events.close()
+            if services is None:
+                await built.db.close()
+
+    async def end_streams(app: web.Application) -> None:
+        # Open event streams end first, so shutdown does not wait on them.
+        if SERVICES in app:
+            await app[SERVICES].events.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(end_streams)  # type: ignore[arg-type, unused-ignore]  # aiosignal varies
+    return app

@@ -1,0 +1,84 @@
+"""The event stream: every state change is appended to ``events`` and fanned out to listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .state import Database, dumps, utcnow
+
+_LOGGER = logging.getLogger(__name__)
+
+RETAIN_EVENTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    ts: str
+    type: str
+    data: dict[str, Any]
+
+    def as_sse(self) -> bytes:
+        return f"id: {self.id}\nevent: {self.type}\ndata: {json.dumps(self.data)}\n\n".encode()
+
+
+class EventBus:
+    """Durable, ordered events with live subscribers (bounded queues; slow ones are dropped)."""
+
+    def __init__(self, db: Database, queue_size: int = 1000) -> None:
+        self._db = db
+        self._queue_size = queue_size
+        self._subscribers: set[asyncio.Queue[Event | None]] = set()
+
+    async def publish(self, type_: str, data: dict[str, Any]) -> Event:
+        ts = utcnow()
+        async with self._db.transaction() as tx:
+            event_id = await tx.execute(
+                "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
+            )
+            if event_id % 500 == 0:
+                await tx.execute("DELETE FROM events WHERE id <= ?", (event_id - RETAIN_EVENTS,))
+        event = Event(event_id, ts, type_, data)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                _LOGGER.warning("dropping a slow event subscriber")
+                self._subscribers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)  # ends that stream; the client resumes with ?since=
+        return event
+
+    async def since(self, last_id: int, limit: int = 1000) -> list[Event]:
+        rows = await self._db.fetchall(
+            "SELECT id, ts, type, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (last_id, limit),
+        )
+        return [Event(int(r["id"]), r["ts"], r["type"], json.loads(r["data"])) for r in rows]
+
+    async def last_id(self) -> int:
+        row = await self._db.fetchone("SELECT COALESCE(MAX(id), 0) AS id FROM events")
+        return int(row["id"]) if row else 0
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event | None]]:
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(self._queue_size)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    async def close(self) -> None:
+        for queue in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        self._subscribers.clear()

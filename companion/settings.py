@@ -1,0 +1,143 @@
+"""Companion settings: read from the environment and an optional `.env` file.
+
+Every field is read from ``CTRLABLE_<FIELD NAME IN UPPER CASE>``; the environment wins over
+the file.
+Each key is documented in ``.env.example`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "CTRLABLE_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_releases_dir() -> Path:
+    packaged = Path(__file__).resolve().parent / "data" / "releases"
+    repo = REPO_ROOT / "releases"
+    return repo if repo.is_dir() else packaged
+
+
+class SettingsError(ValueError):
+    """Raised when the settings are invalid; the message names the variable."""
+
+
+class Settings(BaseModel):
+    """Everything the companion needs to run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # HTTP service
+    api_token: SecretStr = Field(description="Bearer token HA (and the CLI) use for /api/v1")
+    listen_host: str = Field("127.0.0.1", description="Address the HTTP service binds")
+    listen_port: int = Field(8580, ge=1, le=65535, description="Port the HTTP service binds")
+    public_url: str = Field(
+        "http://127.0.0.1:8580", description="URL guests and the host use to reach the companion"
+    )
+    data_dir: Path = Field(Path("var"), description="Directory for the SQLite DB and secrets")
+    releases_dir: Path = Field(
+        default_factory=_default_releases_dir, description="Release manifests"
+    )
+    site_id: str = Field("site-1", min_length=1, max_length=64, description="This site's id")
+    site_name: str = Field("Ctrlable companion", description="Human name of this site")
+    log_level: str = Field("INFO", description="Python log level")
+    mdns: bool = Field(False, description="Advertise _ctrlable._tcp over mDNS")
+
+    # Proxmox API
+    pve_url: str = Field("https://127.0.0.1:8006", description="PVE API base URL")
+    pve_token_id: str = Field("ctrlable@pve!provisioner", description="USER@REALM!TOKENID")
+    pve_token_secret: SecretStr = Field(SecretStr(""), description="The API token's secret")
+    pve_verify_tls: bool = Field(True, description="Verify the PVE certificate")
+    pve_ca_file: Path | None = Field(None, description="CA bundle that signs the PVE certificate")
+    pve_fingerprint: str | None = Field(
+        None, description="Pinned SHA-256 fingerprint of the PVE certificate (AA:BB:...)"
+    )
+    pve_timeout: float = Field(10.0, gt=0, le=300, description="Per-request timeout (s)")
+    pve_node: str | None = Field(
+        None, description="Preferred node for new guests (default: the template's)"
+    )
+
+    # First boot
+    firstboot_secret: SecretStr = Field(
+        SecretStr(""), description="Per-release secret guests present in X-Ctrlable-Secret"
+    )
+    firstboot_timeout: float = Field(
+        600.0, gt=0, description="Seconds to wait for a guest's first boot"
+    )
+
+    @field_validator("pve_token_id")
+    @classmethod
+    def _check_token_id(cls, value: str) -> str:
+        if "!" not in value or "@" not in value.split("!", 1)[0]:
+            msg = "must look like USER@REALM!TOKENID"
+            raise ValueError(msg)
+        return value
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "ctrlable.db"
+
+    @classmethod
+    def field_env_names(cls) -> dict[str, str]:
+        return {name: ENV_PREFIX + name.upper() for name in cls.model_fields}
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str] | None = None, env_file: Path | None = None
+    ) -> Settings:
+        """Build settings from an env file (optional) overlaid by the environment."""
+        values: dict[str, str] = {}
+        if env_file is not None:
+            values.update(read_env_file(env_file))
+        env = os.environ if environ is None else environ
+        values.update({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, str]) -> Settings:
+        names = {v: k for k, v in cls.field_env_names().items()}
+        data: dict[str, Any] = {}
+        for key, value in values.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            if key not in names:
+                msg = f"{key}: unknown setting"
+                raise SettingsError(msg)
+            data[names[key]] = (
+                None
+                if value == "" and key.endswith(("_CA_FILE", "_FINGERPRINT", "_NODE"))
+                else value
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "?"
+            msg = f"{ENV_PREFIX}{field.upper()}: {first['msg']}"
+            raise SettingsError(msg) from None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a systemd-style env file: KEY=VALUE lines, # comments, optional quotes."""
+    result: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            msg = f"{path}:{number}: expected KEY=VALUE"
+            raise SettingsError(msg)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        result[key.strip()] = value
+    return result

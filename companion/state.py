@@ -1,0 +1,293 @@
+"""The state database: SQLite through aiosqlite, WAL, foreign keys on, versioned migrations.
+
+The schema version lives in ``PRAGMA user_version``. ``MIGRATIONS[i]`` moves a database from
+version ``i`` to ``i + 1``; a fresh database runs them all, so a fresh and an upgraded database end
+equal (tests check this). Append new migrations at the end; never edit a released one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+Row = dict[str, Any]
+
+# Instance lifecycle. Final states end an instance's pipeline.
+INSTANCE_STATES = (
+    "pending",
+    "cloning",
+    "starting",
+    "awaiting_firstboot",
+    "active",
+    "rolling_back",
+    "failed",
+    "removed",
+)
+INSTANCE_FINAL_STATES = frozenset({"active", "failed", "removed"})
+BUILD_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+BUILD_FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+RELEASE_STATES = ("available", "building", "active", "superseded")
+
+
+def _in(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the base schema.
+    f"""
+    CREATE TABLE releases (
+        release TEXT PRIMARY KEY,
+        state TEXT NOT NULL DEFAULT 'available' CHECK (state IN ({_in(RELEASE_STATES)})),
+        manifest_sha256 TEXT,
+        activated_at TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE templates (
+        id INTEGER PRIMARY KEY,
+        release TEXT NOT NULL REFERENCES releases(release) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('lxc', 'vm')),
+        node TEXT,
+        template_vmid INTEGER,
+        builder_ref TEXT,
+        app_version TEXT,
+        built_at TEXT,
+        UNIQUE (release, name)
+    );
+    CREATE TABLE projects (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE RESTRICT,
+        type TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        release TEXT NOT NULL,
+        node TEXT,
+        template_vmid INTEGER,
+        vmid INTEGER,
+        mac TEXT,
+        state TEXT NOT NULL CHECK (state IN ({_in(INSTANCE_STATES)})),
+        step TEXT,
+        error TEXT,
+        needs_binding INTEGER NOT NULL DEFAULT 0,
+        overrides TEXT NOT NULL DEFAULT '{{}}',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX instances_live_hostname ON instances (project_id, hostname)
+        WHERE state NOT IN ('failed', 'removed');
+    CREATE INDEX instances_state ON instances (state);
+    CREATE TABLE assignments (
+        id INTEGER PRIMARY KEY,
+        instance_id INTEGER NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
+        hostname TEXT NOT NULL,
+        mac TEXT,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'served', 'consumed', 'revoked')),
+        served_at TEXT,
+        consumed_at TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX assignments_hostname ON assignments (hostname, state);
+    CREATE TABLE builds (
+        id INTEGER PRIMARY KEY,
+        release TEXT NOT NULL REFERENCES releases(release),
+        state TEXT NOT NULL CHECK (state IN ({_in(BUILD_STATES)})),
+        percent INTEGER NOT NULL DEFAULT 0,
+        templates TEXT NOT NULL DEFAULT '{{}}',
+        requested TEXT NOT NULL DEFAULT '[]',
+        error TEXT,
+        log_tail TEXT NOT NULL DEFAULT '[]',
+        started_at TEXT NOT NULL,
+        finished_at TEXT
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts TEXT NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT,
+        last_error TEXT
+    );
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def utcnow() -> str:
+    """The current time as the ISO 8601 UTC string the DB and API use."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class Database:
+    """One aiosqlite connection; writes are serialized by an asyncio lock."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path | None) -> None:
+        self._conn = conn
+        self.path = path
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path | str) -> Database:
+        target = Path(path) if str(path) != ":memory:" else None
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        await conn.execute("PRAGMA synchronous=NORMAL")
+        db = cls(conn, target)
+        await db.migrate()
+        return db
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def version(self) -> int:
+        row = await self.fetchone("PRAGMA user_version")
+        assert row is not None
+        return int(row["user_version"])
+
+    async def migrate(self, target: int = SCHEMA_VERSION) -> int:
+        """Apply the migrations the DB lacks, each in its own transaction."""
+        current = await self.version()
+        if current > SCHEMA_VERSION:
+            msg = f"database schema {current} is newer than this companion ({SCHEMA_VERSION})"
+            raise RuntimeError(msg)
+        async with self._write_lock:
+            for index in range(current, target):
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _split_sql(MIGRATIONS[index]):
+                        await self._conn.execute(statement)
+                    await self._conn.execute(f"PRAGMA user_version = {index + 1}")
+                    await self._conn.execute("COMMIT")
+                except BaseException:
+                    await self._conn.execute("ROLLBACK")
+                    raise
+        return target
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        async with self._conn.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async with self._conn.execute(sql, params) as cursor:
+            rows = await cursor.fetchall()
+        return [dict(r) for r in rows]
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one write statement in its own transaction; returns lastrowid."""
+        async with self.transaction() as tx:
+            return await tx.execute(sql, params)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """A write transaction (BEGIN IMMEDIATE); commits on success, rolls back on error."""
+        async with self._write_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self._conn)
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+    # Small shared accessors -------------------------------------------------------------
+
+    async def get_kv(self, key: str) -> str | None:
+        row = await self.fetchone("SELECT value FROM kv WHERE key = ?", (key,))
+        return None if row is None else str(row["value"])
+
+    async def set_kv(self, key: str, value: str) -> None:
+        await self.execute(
+            "INSERT INTO kv (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    async def get_secret(self, name: str) -> str | None:
+        row = await self.fetchone("SELECT value FROM secrets WHERE name = ?", (name,))
+        return None if row is None else str(row["value"])
+
+    async def put_secret(self, name: str, value: str) -> None:
+        await self.execute(
+            "INSERT INTO secrets (name, value, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value, utcnow()),
+        )
+
+    async def schema(self) -> list[tuple[str, str]]:
+        """(name, sql) of every table and index, for comparing databases."""
+        rows = await self.fetchall(
+            "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+        return [(str(r["name"]), " ".join(str(r["sql"]).split())) for r in rows]
+
+
+class Transaction:
+    """The statements of one write transaction."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        async with self._conn.execute(sql, params) as cursor:
+            return int(cursor.lastrowid or 0)
+
+    async def rowcount(self, sql: str, params: Sequence[Any] = ()) -> int:
+        async with self._conn.execute(sql, params) as cursor:
+            return int(cursor.rowcount)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        async with self._conn.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async with self._conn.execute(sql, params) as cursor:
+            rows = await cursor.fetchall()
+        return [dict(r) for r in rows]
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (they contain no ';' inside literals)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
