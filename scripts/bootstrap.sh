@@ -9,12 +9,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 find_python() {
-  local minor="$1" candidate root
-  for candidate in "python${minor}" ; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -V >/dev/null 2>&1; then
-      command -v "$candidate"; return 0
-    fi
-  done
+  local minor="$1" candidate="python$1" root
+  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -V >/dev/null 2>&1; then
+    command -v "$candidate"; return 0
+  fi
   if command -v pyenv >/dev/null 2>&1; then
     root="$(pyenv root)"
     for candidate in "$root"/versions/"${minor}".*/bin/"python${minor}"; do
@@ -22,6 +20,11 @@ find_python() {
     done
   fi
   return 1
+}
+
+# pip's noise about this machine's local index folders and setuptools' deprecation banners.
+filter_pip() {
+  grep -vE "WARNING: Location|^\s*$|!!|\*{10}|BuildBackendWarning|corresp\(|return '|with strategy|Please |By 20|See https|setuptools" || true
 }
 
 stamp_of() {
@@ -38,7 +41,7 @@ make_venv() {
   py="$(find_python "$minor")" || { log "Python $minor not found (PATH or pyenv)"; exit 1; }
   log "creating $dir with $py"
   "$py" -m venv "$dir"
-  "$dir/bin/python" -m pip install --quiet --upgrade pip >/dev/null
+  "$dir/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1
   return 10
 }
 
@@ -47,14 +50,14 @@ main() {
   local rc=0
   make_venv .venv 3.13 requirements/test-ha.txt requirements/ha-constraints.txt || rc=$?
   if [[ $rc -eq 10 ]]; then
-    .venv/bin/pip install --quiet -c requirements/ha-constraints.txt -r requirements/test-ha.txt
-    .venv/bin/pip install --quiet -c requirements/ha-constraints.txt -e '.[test]'
+    .venv/bin/pip install --quiet -c requirements/ha-constraints.txt -r requirements/test-ha.txt 2>&1 | filter_pip
+    .venv/bin/pip install --quiet -c requirements/ha-constraints.txt -e '.[test]' 2>&1 | filter_pip
     stamp_of requirements/test-ha.txt requirements/ha-constraints.txt > .venv/.stamp
   elif [[ $rc -ne 0 ]]; then exit "$rc"; fi
   rc=0
   make_venv .venv311 3.11 || rc=$?
   if [[ $rc -eq 10 ]]; then
-    .venv311/bin/pip install --quiet -e '.[test]'
+    .venv311/bin/pip install --quiet -e '.[test]' 2>&1 | filter_pip
     stamp_of > .venv311/.stamp
   elif [[ $rc -ne 0 ]]; then exit "$rc"; fi
 }
