@@ -114,8 +114,10 @@ BAD = [
     ),
     (
         (
-            'distro: debian, version: "12" }\n    resources: { cpu: 2, ram: 2048, disk: 8 }\n    unprivileged: true\n    vmid_base: 9020',
-            'distro: windows, version: "12" }\n    resources: { cpu: 2, ram: 2048, disk: 8 }\n    unprivileged: true\n    vmid_base: 9020',
+            'distro: debian, version: "12" }\n    resources: { cpu: 2, ram: 2048, disk: 8 }\n'
+            "    unprivileged: true\n    vmid_base: 9020",
+            'distro: windows, version: "12" }\n    resources: { cpu: 2, ram: 2048, disk: 8 }\n'
+            "    unprivileged: true\n    vmid_base: 9020",
         ),
         "templates.zigbee2mqtt.os.distro",
         "debian",

@@ -93,7 +93,7 @@ async def test_state_machine_and_constraints(tmp_path: Path) -> None:
 async def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
     db = await Database.open(tmp_path / "s.db")
     try:
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(sqlite3.IntegrityError):  # noqa: PT012 - the block is the transaction
             async with db.transaction() as tx:
                 await tx.execute("INSERT INTO projects (name, created_at) VALUES ('a', 'x')")
                 await tx.execute("INSERT INTO projects (name, created_at) VALUES ('a', 'x')")
