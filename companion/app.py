@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .discovery import Advertiser
 from .events import EventBus
 from .manifest import ReleaseCatalog
 from .releases import Releases
@@ -39,6 +40,8 @@ async def build_services(settings: Settings) -> Services:
     releases = Releases(db, catalog, events)
     await releases.sync_catalog()
     services = Services(settings, db, events, catalog, releases)
+    if settings.mdns:
+        services.components.append(Advertiser(settings))
     return services
 
 
