@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -71,11 +72,51 @@ class Settings(BaseModel):
         600.0, gt=0, description="Seconds to wait for a guest's first boot"
     )
 
+    # Platform report-up (docs/platform-api.md)
+    platform_url: str = Field(
+        "", description="Platform report endpoint (http/https URL); empty disables report-up"
+    )
+    platform_token: SecretStr = Field(
+        SecretStr(""), description="This site's bearer credential for the platform"
+    )
+    platform_heartbeat: float = Field(
+        300.0, gt=0, le=86400, description="Seconds between heartbeat reports"
+    )
+    platform_unreachable_after: float = Field(
+        900.0, gt=0, description="Seconds of failed delivery before the platform is unreachable"
+    )
+    platform_timeout: float = Field(
+        10.0, gt=0, le=300, description="Per-request timeout to the platform (s)"
+    )
+    platform_debounce: float = Field(
+        1.0, ge=0, le=60, description="Seconds a change waits so a burst becomes one report"
+    )
+    platform_retry_min: float = Field(
+        2.0, gt=0, le=3600, description="First retry delay after a failed report (s)"
+    )
+    platform_retry_max: float = Field(
+        300.0, gt=0, le=86400, description="Longest retry delay (s); the delay doubles up to it"
+    )
+
     @field_validator("pve_token_id")
     @classmethod
     def _check_token_id(cls, value: str) -> str:
         if "!" not in value or "@" not in value.split("!", 1)[0]:
             msg = "must look like USER@REALM!TOKENID"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("platform_url")
+    @classmethod
+    def _check_platform_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            msg = "must be an http:// or https:// URL (or empty to disable report-up)"
+            raise ValueError(msg)
+        if parts.username or parts.password or parts.query:
+            msg = "must not carry credentials or a query; use CTRLABLE_PLATFORM_TOKEN"
             raise ValueError(msg)
         return value
 
