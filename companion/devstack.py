@@ -71,7 +71,7 @@ class Proc:
 def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
-    popen = subprocess.Popen(  # noqa: S603 - our own interpreters and scripts
+    popen = subprocess.Popen(
         argv,
         stdout=log,
         stderr=subprocess.STDOUT,
