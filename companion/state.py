@@ -139,6 +139,10 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 1 -> 2: when an instance's current step began (the deploy plane resumes waits from it).
+    """
+    ALTER TABLE instances ADD COLUMN step_at TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
