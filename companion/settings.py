@@ -71,6 +71,17 @@ class Settings(BaseModel):
     firstboot_timeout: float = Field(
         600.0, gt=0, description="Seconds to wait for a guest's first boot"
     )
+    firstboot_rate_ip: int = Field(
+        30, ge=1, le=10000, description="First-boot attempts allowed per client IP per minute"
+    )
+    firstboot_rate_host: int = Field(
+        10, ge=1, le=10000, description="Authenticated first-boot attempts per hostname per minute"
+    )
+    mqtt_url: str = Field(
+        "",
+        description="MQTT broker (mqtt://host:port) wired into apps when the project has no "
+        "ctrlable-pro and the deploy gives no mqtt_server override; empty = needs binding",
+    )
 
     # Platform report-up (docs/platform-api.md)
     platform_url: str = Field(
@@ -103,6 +114,20 @@ class Settings(BaseModel):
     def _check_token_id(cls, value: str) -> str:
         if "!" not in value or "@" not in value.split("!", 1)[0]:
             msg = "must look like USER@REALM!TOKENID"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            msg = "must be an mqtt:// or mqtts:// URL (or empty)"
+            raise ValueError(msg)
+        if parts.username or parts.password or parts.path not in ("", "/") or parts.query:
+            msg = "must be mqtt://host:port only (credentials are generated per instance)"
             raise ValueError(msg)
         return value
 

@@ -143,6 +143,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE instances ADD COLUMN step_at TEXT;
     """,
+    # 2 -> 3: first boot: the client an assignment was served to (it alone may fetch it again
+    # and complete it) and the guest's completion report.
+    """
+    ALTER TABLE assignments ADD COLUMN served_to TEXT;
+    ALTER TABLE assignments ADD COLUMN report TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
