@@ -10,8 +10,9 @@ from aiohttp import web
 from .discovery import Advertiser
 from .events import EventBus
 from .manifest import ReleaseCatalog
+from .proxmox import ProxmoxClient
 from .releases import Releases
-from .routes import core
+from .routes import core, host
 from .services import SERVICES, Services
 from .settings import Settings
 from .state import Database
@@ -20,7 +21,7 @@ from .web import Api, auth_middleware_factory, error_middleware_factory
 _LOGGER = logging.getLogger(__name__)
 
 # Each plane's routes; a plane adds its module here.
-ROUTE_MODULES = [core]
+ROUTE_MODULES = [core, host]
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -40,6 +41,8 @@ async def build_services(settings: Settings) -> Services:
     releases = Releases(db, catalog, events)
     await releases.sync_catalog()
     services = Services(settings, db, events, catalog, releases)
+    services.pve = ProxmoxClient.from_settings(settings)
+    services.components.append(services.pve)
     if settings.mdns:
         services.components.append(Advertiser(settings))
     return services

@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .events import EventBus
     from .manifest import ReleaseCatalog
+    from .proxmox import ProxmoxClient
     from .releases import Releases
     from .settings import Settings
     from .state import Database
@@ -24,6 +25,8 @@ class Component(Protocol):
 
 class Services:
     """Core services; each plane adds its own attribute in ``app.build_services``."""
+
+    pve: ProxmoxClient
 
     def __init__(
         self,
