@@ -10,6 +10,7 @@ from aiohttp import web
 from .discovery import Advertiser
 from .events import EventBus
 from .manifest import ReleaseCatalog
+from .platform import PlatformPlane
 from .proxmox import ProxmoxClient
 from .releases import Releases
 from .routes import core, host
@@ -43,6 +44,8 @@ async def build_services(settings: Settings) -> Services:
     services = Services(settings, db, events, catalog, releases)
     services.pve = ProxmoxClient.from_settings(settings)
     services.components.append(services.pve)
+    services.platform = PlatformPlane(settings, db, events, releases)
+    services.components.append(services.platform)
     if settings.mdns:
         services.components.append(Advertiser(settings))
     return services

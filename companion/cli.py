@@ -51,6 +51,7 @@ def _serve(env_file: Path | None) -> int:
             settings.api_token.get_secret_value(),
             settings.pve_token_secret.get_secret_value(),
             settings.firstboot_secret.get_secret_value(),
+            settings.platform_token.get_secret_value(),
         ],
     )
     from .app import create_app

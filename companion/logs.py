@@ -66,4 +66,6 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redacting
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiosqlite's DEBUG lines repr every statement with its parameters (secret values included).
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     return REDACTOR

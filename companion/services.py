@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .events import EventBus
     from .manifest import ReleaseCatalog
+    from .platform import PlatformPlane
     from .proxmox import ProxmoxClient
     from .releases import Releases
     from .settings import Settings
@@ -27,6 +28,7 @@ class Services:
     """Core services; each plane adds its own attribute in ``app.build_services``."""
 
     pve: ProxmoxClient
+    platform: PlatformPlane
 
     def __init__(
         self,
