@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .deploy import DeployPlane
 from .discovery import Advertiser
 from .events import EventBus
 from .manifest import ReleaseCatalog
@@ -14,6 +15,7 @@ from .platform import PlatformPlane
 from .proxmox import ProxmoxClient
 from .releases import Releases
 from .routes import core, host
+from .routes import deploy as deploy_routes
 from .services import SERVICES, Services
 from .settings import Settings
 from .state import Database
@@ -22,7 +24,7 @@ from .web import Api, auth_middleware_factory, error_middleware_factory
 _LOGGER = logging.getLogger(__name__)
 
 # Each plane's routes; a plane adds its module here.
-ROUTE_MODULES = [core, host]
+ROUTE_MODULES = [core, host, deploy_routes]
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -46,6 +48,8 @@ async def build_services(settings: Settings) -> Services:
     services.components.append(services.pve)
     services.platform = PlatformPlane(settings, db, events, releases)
     services.components.append(services.platform)
+    services.deploy = DeployPlane(services)
+    services.components.append(services.deploy)
     if settings.mdns:
         services.components.append(Advertiser(settings))
     return services

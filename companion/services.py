@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .deploy import DeployPlane
     from .events import EventBus
     from .manifest import ReleaseCatalog
     from .platform import PlatformPlane
@@ -29,6 +30,7 @@ class Services:
 
     pve: ProxmoxClient
     platform: PlatformPlane
+    deploy: DeployPlane
 
     def __init__(
         self,
