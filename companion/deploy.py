@@ -42,6 +42,7 @@ from .errors import ApiError, Conflict, InvalidRequest, NotFound
 from .manifest import Manifest
 from .proxmox import Kind, ProxmoxError, PveAlreadyExists, PveNotFound
 from .state import INSTANCE_FINAL_STATES, Row, dumps, utcnow
+from .wiring import WIRING_OVERRIDES, WiringError, validate_overrides
 
 if TYPE_CHECKING:
     from .services import Services
@@ -96,10 +97,12 @@ def check_project_name(value: str) -> str:
 
 
 class Overrides(BaseModel):
-    """What a deploy may change on a clone. Resources stay as the release validated them
-    (changing them needs privileges the companion's PVE role does not have)."""
+    """What a deploy may change. The four fields below are the deploy plane's (applied to the
+    clone's config); any other key is a wiring override of the type (``companion.wiring``),
+    checked by the kind's handler and applied by the guest's first boot. Resources stay as the
+    release validated them (changing them needs privileges the companion's role lacks)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     onboot: bool = Field(default=True, description="start the guest when the host boots")
     ip: str | None = Field(default=None, description="LXC only: 'dhcp' or an IPv4 CIDR for net0")
@@ -292,9 +295,20 @@ class KindHandler:
                 return val.upper() if _MAC.match(val.upper()) else None
         return None
 
-    def check_overrides(self, overrides: Overrides) -> str | None:
-        """A message naming the override this kind cannot apply, or None."""
-        return None
+    def check_overrides(self, type_: str, overrides: Overrides) -> None:
+        """Refuse (400 naming ``overrides.<key>``) what this kind cannot apply to ``type_``."""
+        extra = dict(overrides.model_extra or {})
+        known = WIRING_OVERRIDES.get(type_, frozenset())
+        for key in sorted(extra):
+            if key not in known:
+                allowed = ", ".join(sorted({*Overrides.model_fields, *known}))
+                raise InvalidRequest.field(
+                    f"overrides.{key}", f"not an override of {type_} (allowed: {allowed})"
+                )
+        try:
+            validate_overrides(type_, extra)
+        except WiringError as err:
+            raise InvalidRequest.field(err.field, err.message) from None
 
     def config_changes(self, instance: Instance, config: Mapping[str, Any]) -> dict[str, Any]:
         """The PUT after the clone: onboot, and net0 edits that keep the MAC."""
@@ -345,10 +359,12 @@ class VmHandler(KindHandler):
     pve_kind: ClassVar[Kind] = "qemu"
     name_key: ClassVar[str] = "name"
 
-    def check_overrides(self, overrides: Overrides) -> str | None:
-        if overrides.ip is not None or overrides.gw is not None:
-            return "ip/gw apply to LXC guests only"
-        return None
+    def check_overrides(self, type_: str, overrides: Overrides) -> None:
+        for key in ("ip", "gw"):
+            if getattr(overrides, key) is not None:
+                raise InvalidRequest.field(f"overrides.{key}", "applies to LXC guests only")
+        for key in sorted(overrides.model_extra or {}):
+            raise InvalidRequest.field(f"overrides.{key}", f"not an override of {type_}")
 
     async def prepare(self, plane: DeployPlane, instance: Instance) -> None:
         return None
@@ -515,13 +531,18 @@ class DeployPlane:
         return created.as_dict()
 
     async def deploy_stack(
-        self, project: str, types: list[str] | None = None, hostname_prefix: str = ""
+        self,
+        project: str,
+        types: list[str] | None = None,
+        hostname_prefix: str = "",
+        overrides: Mapping[str, Overrides] | None = None,
     ) -> dict[str, Any]:
         """Record a stack (the manifest's default ``stack`` or ``types``) and start it.
 
         Hostnames are ``<prefix><type>-<n>`` with the smallest free ``n`` in the project.
         Types whose kind has no handler are skipped from the default stack (reported in
-        ``skipped``) and refused when asked for explicitly."""
+        ``skipped``) and refused when asked for explicitly. ``overrides`` maps a type to the
+        overrides of every instance of that type."""
         manifest = await self._active_manifest()
         project = _field(check_project_name, project, "project")
         skipped: list[dict[str, str]] = []
@@ -539,11 +560,28 @@ class DeployPlane:
             for index, name in enumerate(types):
                 self._check_type(manifest, name, f"types.{index}", Overrides())
             chosen = list(types)
+        per_type = dict(overrides or {})
+        for name, given in per_type.items():
+            if name not in chosen:
+                raise InvalidRequest.field(f"overrides.{name}", "is not a type of this deploy")
+            handler = self.handler_for(manifest, name)
+            assert handler is not None
+            try:
+                handler.check_overrides(name, given)
+            except InvalidRequest as err:
+                # name the type: overrides.<type>.<key>
+                raise InvalidRequest.field(
+                    f"overrides.{name}.{err.details[0]['field'].removeprefix('overrides.')}",
+                    err.details[0]["message"],
+                ) from None
         if hostname_prefix:
             _field(lambda v: check_hostname(v + "x"), hostname_prefix, "hostname_prefix")
         prefix = hostname_prefix.strip().lower()
         created = await self._insert(
-            project, manifest.release, [(t, None, Overrides()) for t in chosen], prefix=prefix
+            project,
+            manifest.release,
+            [(t, None, per_type.get(t, Overrides())) for t in chosen],
+            prefix=prefix,
         )
         for inst in created:
             await self._publish(inst)
@@ -565,9 +603,7 @@ class DeployPlane:
             raise InvalidRequest.field(
                 field, f"{type_!r} (kind {kind!r}) cannot be deployed: no handler is available"
             )
-        problem = handler.check_overrides(overrides)
-        if problem is not None:
-            raise InvalidRequest.field("overrides", problem)
+        handler.check_overrides(type_, overrides)
         return handler
 
     async def _insert(
@@ -1056,11 +1092,7 @@ class DeployPlane:
     async def _step_assign(self, instance: Instance, resumed: bool) -> Instance:
         handler = self._handler(instance)
         self._waiter(instance.id)
-        if resumed:
-            # A half-written assignment from before the restart: the guest has not started
-            # yet, so replacing it is safe.
-            await handler.cleanup(self, instance)
-        await handler.prepare(self, instance)
+        await handler.prepare(self, instance)  # idempotent (a resumed step repeats it)
         return await self._advance(instance, step="start")
 
     async def _step_start(self, instance: Instance, resumed: bool) -> Instance:

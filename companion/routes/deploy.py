@@ -61,6 +61,9 @@ class DeployIn(_In):
     hostname_prefix: str = Field(
         default="", max_length=40, description="hostnames are <prefix><type>-<n>"
     )
+    overrides: dict[str, Overrides] = Field(
+        default_factory=dict, description="per type: the overrides of its instances"
+    )
 
     @field_validator("project")
     @classmethod
@@ -180,7 +183,7 @@ def register(api: Api) -> None:
     async def deploy_stack(request: web.Request) -> web.Response:
         body = await parse_body(request, DeployIn)
         result = await services_of(request).deploy.deploy_stack(
-            body.project, body.types, body.hostname_prefix
+            body.project, body.types, body.hostname_prefix, body.overrides
         )
         return json_response(result, status=202)
 
