@@ -884,8 +884,9 @@ class ProxmoxClient:
     def problems(self) -> list[dict[str, Any]]:
         """What currently stops the companion from doing its job on PVE, for the overview:
         ``{"code": "missing_privilege", "message", "privilege", "path"}`` per privilege PVE
-        refused (cleared once the same request succeeds), ``pve_auth_failed``,
-        ``pve_unreachable`` and ``pve_tls_error`` (cleared by any successful request)."""
+        refused (cleared once the same request succeeds), ``pve_auth_failed`` and
+        ``pve_tls_error`` (cleared by any successful request). Unreachability is not listed:
+        the caller sees it as the ``PveUnavailable`` its own request raised."""
         return [dict(p) for p in self._problems.values()]
 
     def _note_failure(self, request: str, err: ProxmoxError) -> None:
@@ -908,9 +909,6 @@ class ProxmoxClient:
         elif isinstance(err, PveTlsError):
             key = ("pve_tls_error", None, None)
             problem = {"code": "pve_tls_error", "message": err.message}
-        elif isinstance(err, PveUnavailable) and err.status_code is None:
-            key = ("pve_unreachable", None, None)
-            problem = {"code": "pve_unreachable", "message": err.message}
         else:
             return
         self._problems[key] = problem
