@@ -12,10 +12,12 @@ from .discovery import Advertiser
 from .events import EventBus
 from .manifest import ReleaseCatalog
 from .platform import PlatformPlane
+from .provision import ProvisionPlane
 from .proxmox import ProxmoxClient
 from .releases import Releases
 from .routes import core, host
 from .routes import deploy as deploy_routes
+from .routes import provision as provision_routes
 from .services import SERVICES, Services
 from .settings import Settings
 from .state import Database
@@ -24,7 +26,7 @@ from .web import Api, auth_middleware_factory, error_middleware_factory
 _LOGGER = logging.getLogger(__name__)
 
 # Each plane's routes; a plane adds its module here.
-ROUTE_MODULES = [core, host, deploy_routes]
+ROUTE_MODULES = [core, host, deploy_routes, provision_routes]
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -48,6 +50,7 @@ async def build_services(settings: Settings) -> Services:
     services.components.append(services.pve)
     services.platform = PlatformPlane(settings, db, events, releases)
     services.components.append(services.platform)
+    services.provision = ProvisionPlane(settings, db, events)
     services.deploy = DeployPlane(services)
     services.components.append(services.deploy)
     if settings.mdns:
@@ -61,6 +64,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
         client_max_size=MAX_BODY,
         middlewares=[
             error_middleware_factory(),
+            provision_routes.guard_middleware(),
             auth_middleware_factory(
                 api,
                 bearer_token=settings.api_token.get_secret_value,

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .events import EventBus
     from .manifest import ReleaseCatalog
     from .platform import PlatformPlane
+    from .provision import ProvisionPlane
     from .proxmox import ProxmoxClient
     from .releases import Releases
     from .settings import Settings
@@ -31,6 +32,7 @@ class Services:
     pve: ProxmoxClient
     platform: PlatformPlane
     deploy: DeployPlane
+    provision: ProvisionPlane
 
     def __init__(
         self,
