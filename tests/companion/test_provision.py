@@ -510,3 +510,36 @@ async def _full_flow_checking_logs(companion: Companion, caplog: pytest.LogCaptu
     for value in [*secrets_seen, FIRSTBOOT_SECRET]:
         assert value not in logged  # ...without a secret
         assert value not in events
+
+
+async def test_without_a_deploy_plane_complete_activates_the_instance(
+    companion_factory: Callable[..., Any],
+) -> None:
+    def drop_deploy(services: Any) -> None:
+        services.components.remove(services.deploy)
+        del services.deploy
+
+    companion: Companion = await companion_factory(None, drop_deploy)
+    services = companion.services
+    assert getattr(services, "deploy", None) is None
+    iid = await add_instance(services, "zwavejs", "zw1", mac_for(1))
+    assert (await fetch(companion, "zw1", mac_for(1)))[0] == 200
+    status, body = await complete(companion, "zw1", mac_for(1))
+    assert status == 200, body
+    assert await instance_state(services, iid) == {"state": "active", "needs_binding": 1}
+    events = [e for e in await services.events.since(0) if e.type == "instance.state"]
+    assert events[-1].data["state"] == "active"
+    assert events[-1].data["needs_binding"] is True
+    # A completion the instance's owner refuses (no longer waiting) revokes the assignment.
+    other = await add_instance(services, "zwavejs", "zw2", mac_for(2))
+    await services.provision.serve("zw2", mac_for(2), "127.0.0.1")
+
+    async def not_waiting(instance_id: int, report: Any) -> None:
+        raise Conflict("instance is removed", code="not_waiting")
+
+    with pytest.raises(Conflict):
+        await services.provision.complete("zw2", mac_for(2), "127.0.0.1", {}, not_waiting)
+    record = await services.provision.assignment_state(other)
+    assert record is not None
+    assert record["state"] == "revoked"
+    assert (await fetch(companion, "zw2", mac_for(2)))[0] == 404
