@@ -149,6 +149,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE assignments ADD COLUMN served_to TEXT;
     ALTER TABLE assignments ADD COLUMN report TEXT;
     """,
+    # 3 -> 4: the HAOS (ctrlable-pro) flow's recorded steps, one row per instance (haos.py).
+    """
+    CREATE TABLE haos_flows (
+        instance_id INTEGER PRIMARY KEY REFERENCES instances(id) ON DELETE CASCADE,
+        step TEXT NOT NULL,
+        address TEXT,
+        port INTEGER,
+        facts TEXT NOT NULL DEFAULT '{}',
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
