@@ -305,7 +305,8 @@ class Guest:
             "maxcpu": self.cpus,
             "mem": mem,
             "maxmem": self.maxmem,
-            "disk": int(self.maxdisk * 0.18) if (running or self.kind == "qemu") else 0,
+            # QEMU reports no filesystem usage without the agent's help: always 0 there.
+            "disk": int(self.maxdisk * 0.18) if running and self.kind == "lxc" else 0,
             "maxdisk": self.maxdisk,
             "uptime": up,
             "netin": up * 1200 if running else 0,
