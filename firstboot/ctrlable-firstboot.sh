@@ -365,6 +365,16 @@ py() {
   "$PYTHON" -c "$PY_HELPER" "$@"
 }
 
+# py_or_die WHAT HELPER-ARGS...: run the helper; on failure die with its last error line (the
+# helper names files and keys in its errors, never values).
+py_or_die() {
+  local what=$1
+  shift
+  if ! py "$@" 2>"$WORK/py.err"; then
+    die "$what: $(tail -n 1 "$WORK/py.err" | cut -c1-300)"
+  fi
+}
+
 app_unit() {
   case $1 in
   zigbee2mqtt) printf 'zigbee2mqtt.service' ;;
@@ -381,7 +391,7 @@ step_apply() {
     log info "wiring: already applied"
     return
   fi
-  py apply "$type" "$WORK/assignment.json" >"$WORK/applied" || die "wiring: applying the $type wiring failed"
+  py_or_die "wiring: applying the $type wiring failed" apply "$type" "$WORK/assignment.json" >"$WORK/applied"
   while IFS= read -r line; do
     [[ -n $line ]] && fact changed_file "${line#"$ROOT"}"
   done <"$WORK/applied"
@@ -422,8 +432,8 @@ step_portainer_admin() {
   if [[ $status == 204 ]]; then
     die "portainer: an admin already exists that first boot did not create; refusing (check who did)"
   fi
-  py portainer-body "$WORK/assignment.json" "$WORK/portainer.json" ||
-    die "portainer: the assignment lacks the admin login"
+  py_or_die "portainer: no admin login in the assignment" \
+    portainer-body "$WORK/assignment.json" "$WORK/portainer.json"
   status="$(local_http POST "$PORTAINER_URL/api/users/admin/init" "$WORK/portainer.out" "$WORK/portainer.json")"
   rm -f -- "$WORK/portainer.json"
   [[ $status == 200 ]] || die "portainer: creating the admin failed (HTTP $status)"
@@ -437,8 +447,8 @@ step_freepbx_identity() {
     log info "freepbx: identity already set"
     return
   fi
-  py freepbx-sql "$WORK/assignment.json" "$WORK/freepbx.sql" ||
-    die "freepbx: could not prepare the database update"
+  py_or_die "freepbx: could not prepare the database update" \
+    freepbx-sql "$WORK/assignment.json" "$WORK/freepbx.sql"
   "$MYSQL" <"$WORK/freepbx.sql" >/dev/null || die "freepbx: the database update failed"
   rm -f -- "$WORK/freepbx.sql"
   mark_step freepbx-identity
@@ -515,8 +525,9 @@ main() {
   chmod 0600 "$WORK/assignment.json"
 
   local type instance_id
-  read -r type instance_id < <(py check "$WORK/assignment.json" "$HOSTNAME_SELF" "$TEMPLATE_TYPE") ||
-    die "the assignment is not valid for this guest"
+  py_or_die "the assignment is not valid for this guest" \
+    check "$WORK/assignment.json" "$HOSTNAME_SELF" "$TEMPLATE_TYPE" >"$WORK/check.out"
+  read -r type instance_id <"$WORK/check.out" || die "the assignment is not valid for this guest"
   [[ -n $type && -n $instance_id ]] || die "the assignment is not valid for this guest"
   log info "assignment: instance $instance_id, type $type"
 
@@ -530,8 +541,8 @@ main() {
   esac
   restart_app "$type"
 
-  py report "$WORK/report.json" "$HOSTNAME_SELF" "$MAC_SELF" "$type" "$FIRSTBOOT_VERSION" \
-    "$WORK/facts" || die "could not build the completion report"
+  py_or_die "could not build the completion report" \
+    report "$WORK/report.json" "$HOSTNAME_SELF" "$MAC_SELF" "$type" "$FIRSTBOOT_VERSION" "$WORK/facts"
   companion POST "/api/provision/complete" "$WORK/complete.out" "$WORK/report.json" ||
     die "could not report completion to the companion"
   if [[ $HTTP_STATUS == 409 && $(py error-code "$WORK/complete.out" 2>/dev/null) == already_completed ]]; then
@@ -552,7 +563,7 @@ TYPES = ("zigbee2mqtt", "zwavejs", "frigate", "docker-portainer", "freepbx")
 
 
 def fail(msg):
-    sys.stderr.write("ctrlable-firstboot: " + msg + "\n")
+    sys.stderr.write(msg + "\n")
     sys.exit(1)
 
 

@@ -385,3 +385,18 @@ def test_unit_matches_the_script() -> None:
     assert script.startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in script
     assert os.access(SCRIPT, os.X_OK)
+
+
+@needs_tools
+async def test_a_missing_app_config_is_named_and_nothing_is_completed(
+    companion: Companion, tmp_path: Path
+) -> None:
+    services = companion.services
+    guest, iid = await deployed(companion, tmp_path, "zigbee2mqtt", overrides=COORDINATOR)
+    (guest.root / "opt/zigbee2mqtt/data/configuration.yaml").unlink()
+    run = await run_script(guest)
+    assert run.code == 1
+    assert "wiring: applying the zigbee2mqtt wiring failed: " in run.stderr
+    assert "configuration.yaml not found" in guest.journal.read_text()
+    assert (await instance_state(services, iid))["state"] == "awaiting_firstboot"
+    assert "systemctl disable ctrlable-firstboot.service" not in guest.calls()
