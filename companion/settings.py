@@ -109,6 +109,36 @@ class Settings(BaseModel):
         300.0, gt=0, le=86400, description="Longest retry delay (s); the delay doubles up to it"
     )
 
+    # ctrlable-pro (HAOS VM) flow (docs/haos.md)
+    haos_port: int = Field(8123, ge=1, le=65535, description="Port Home Assistant answers on")
+    haos_address: str | None = Field(
+        None,
+        description="Address of the ctrlable-pro VM when its guest agent reports none "
+        "(e.g. a DHCP reservation for its MAC); empty = guest agent only",
+    )
+    haos_agent_timeout: float = Field(
+        300.0, gt=0, description="Seconds to wait for the guest agent to report an address"
+    )
+    haos_boot_timeout: float = Field(
+        1200.0, gt=0, description="Seconds to wait for Home Assistant to answer after boot"
+    )
+    haos_restore_timeout: float = Field(
+        1800.0, gt=0, description="Seconds to wait for the base backup upload, restore and restart"
+    )
+    haos_request_timeout: float = Field(
+        30.0, gt=0, le=600, description="Per-request timeout to Home Assistant (s)"
+    )
+    haos_backup_dir: Path | None = Field(
+        None, description="Directory holding the releases' base backups (default <data_dir>/haos)"
+    )
+    haos_language: str = Field("en", description="Language of the onboarded Home Assistant")
+    haos_time_zone: str | None = Field(
+        None, description="Time zone set during onboarding (e.g. Europe/Amsterdam); empty = HA's"
+    )
+    haos_country: str | None = Field(
+        None, description="ISO 3166 country set during onboarding (e.g. NL); empty = unset"
+    )
+
     @field_validator("pve_token_id")
     @classmethod
     def _check_token_id(cls, value: str) -> str:
@@ -149,6 +179,11 @@ class Settings(BaseModel):
     def db_path(self) -> Path:
         return self.data_dir / "ctrlable.db"
 
+    @property
+    def haos_backups(self) -> Path:
+        """Where the releases' HAOS base backups are read from."""
+        return self.haos_backup_dir or self.data_dir / "haos"
+
     @classmethod
     def field_env_names(cls) -> dict[str, str]:
         return {name: ENV_PREFIX + name.upper() for name in cls.model_fields}
@@ -177,7 +212,18 @@ class Settings(BaseModel):
                 raise SettingsError(msg)
             data[names[key]] = (
                 None
-                if value == "" and key.endswith(("_CA_FILE", "_FINGERPRINT", "_NODE"))
+                if value == ""
+                and key.endswith(
+                    (
+                        "_CA_FILE",
+                        "_FINGERPRINT",
+                        "_NODE",
+                        "_ADDRESS",
+                        "_BACKUP_DIR",
+                        "_TIME_ZONE",
+                        "_COUNTRY",
+                    )
+                )
                 else value
             )
         try:
