@@ -400,3 +400,50 @@ async def test_a_missing_app_config_is_named_and_nothing_is_completed(
     assert "configuration.yaml not found" in guest.journal.read_text()
     assert (await instance_state(services, iid))["state"] == "awaiting_firstboot"
     assert "systemctl disable ctrlable-firstboot.service" not in guest.calls()
+
+
+@needs_tools
+async def test_zigbee2mqtt_yaml_edits_keep_other_shapes(
+    companion: Companion, tmp_path: Path
+) -> None:
+    """A 1.x-style file: scalar sections, no `advanced`, a list, an inline map to be replaced."""
+    services = companion.services
+    await add_instance(services, "ctrlable-pro", "pro", mac_for(99), assign=False)
+    guest, iid = await deployed(
+        companion, tmp_path, "zigbee2mqtt", overrides={**COORDINATOR, "channel": 25}
+    )
+    config_path = guest.root / "opt/zigbee2mqtt/data/configuration.yaml"
+    config_path.write_text(
+        "homeassistant: false\n"
+        "permit_join: false\n"
+        "mqtt: {server: 'mqtt://localhost'}\n"
+        "serial:\n"
+        "    port: /dev/ttyUSB0   # four-space indent\n"
+        "    disable_led: true\n"
+        "blocklist:\n"
+        "  - '0x000b57fffec6a5b2'\n"
+        "devices:\n"
+        "  '0x00158d0001':\n"
+        "    friendly_name: hall\n"
+    )
+    run = await run_script(guest)
+    assert run.code == 0, run.stderr
+    wiring = (await stored_payload(services, iid))["guest"]["wiring"]
+    config = yaml.safe_load(config_path.read_text())
+    assert config["homeassistant"] is False
+    assert config["permit_join"] is False
+    assert config["mqtt"]["server"] == "mqtt://pro:1883"
+    assert config["mqtt"]["password"] == wiring["mqtt"]["password"]
+    assert config["serial"] == {
+        "port": "tcp://192.168.1.50:6638",
+        "disable_led": True,
+        "adapter": "zstack",
+    }
+    assert config["blocklist"] == ["0x000b57fffec6a5b2"]
+    assert config["devices"] == {"0x00158d0001": {"friendly_name": "hall"}}
+    assert config["advanced"] == {
+        "network_key": wiring["network"]["network_key"],
+        "pan_id": wiring["network"]["pan_id"],
+        "ext_pan_id": wiring["network"]["ext_pan_id"],
+        "channel": 25,
+    }
