@@ -882,8 +882,8 @@ async def lxc_clone(call: Call) -> Any:
             holder = state.guests.get(newid)
             if holder is not None:
                 raise die(f"{holder.word} {newid} already exists on node '{holder.node}'")
-            if newid in state.reserved:
-                raise die(f"CT {newid} already exists on node '{source.node}'")
+            if newid in state.reserved:  # a qmclone worker is about to create it
+                raise die(f"VM {newid} already exists on node '{source.node}'")
             keys, shared = _clone_volumes(call, source, full, running)
             for key, value in source.config.items():
                 if NET_RE.match(key):

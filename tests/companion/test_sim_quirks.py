@@ -493,3 +493,33 @@ async def test_clone_into_a_pool(sim: Simulator, api: Any) -> None:
         r for r in await run(lambda: api.cluster.resources.get(type="vm")) if r["vmid"] == 320
     )
     assert entry["pool"] == "ctrlable"
+
+
+async def test_status_lag_in_cluster_resources_only(sim: Simulator, api: Any) -> None:
+    sim.config.resources_status_lag = 0.5
+    upid = await run(lambda: node(api).lxc(103).status.start.post())
+    await wait_task(api, upid)
+    entry = next(
+        r for r in await run(lambda: api.cluster.resources.get(type="vm")) if r["vmid"] == 103
+    )
+    assert entry["status"] == "stopped"  # pvestatd has not caught up yet
+    current = await run(lambda: node(api).lxc(103).status.current.get())
+    assert current["status"] == "running"
+
+
+async def test_ha_managed_start_returns_hastart(sim: Simulator, api: Any) -> None:
+    sim.state.guests[102].ha_managed = True
+    upid = await run(lambda: node(api).qemu(102).status.start.post())
+    assert upid.split(":")[5] == "hastart"
+    assert (await task_result(api, upid))[0] == "OK"
+    current = await run(lambda: node(api).qemu(102).status.current.get())
+    assert current["ha"] == {"managed": 1, "state": "started"}
+
+
+async def test_offline_node(sim: Simulator, api: Any) -> None:
+    sim.state.add_node("pve2", online=False)
+    nodes = {n["node"]: n for n in await run(lambda: api.nodes.get())}
+    assert nodes["pve2"]["status"] == "offline"
+    assert "cpu" not in nodes["pve2"]
+    err = await fails(lambda: api.nodes("pve2").status.get())
+    assert (err.status_code, err.content) == (595, "No route to host")
