@@ -83,6 +83,19 @@ class Settings(BaseModel):
         "ctrlable-pro and the deploy gives no mqtt_server override; empty = needs binding",
     )
 
+    # Build plane: SSH to the PVE host's restricted ctrlable-build (install.sh writes these)
+    build_ssh_host: str = Field(
+        "", description="PVE host running /usr/local/sbin/ctrlable-build; empty disables builds"
+    )
+    build_ssh_port: int = Field(22, ge=1, le=65535, description="SSH port of the PVE host")
+    build_ssh_user: str = Field("root", description="SSH user (its key is command= restricted)")
+    build_ssh_key_file: Path | None = Field(
+        None, description="Private key (ed25519) the companion presents to the PVE host"
+    )
+    build_ssh_known_hosts: Path | None = Field(
+        None, description="known_hosts pinning the PVE host key (no trust on first use)"
+    )
+
     # Platform report-up (docs/platform-api.md)
     platform_url: str = Field(
         "", description="Platform report endpoint (http/https URL); empty disables report-up"
@@ -222,6 +235,8 @@ class Settings(BaseModel):
                         "_BACKUP_DIR",
                         "_TIME_ZONE",
                         "_COUNTRY",
+                        "_KEY_FILE",
+                        "_KNOWN_HOSTS",
                     )
                 )
                 else value
