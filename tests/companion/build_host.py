@@ -5,6 +5,7 @@ repository (made here, never fetched), the wrapper's conf, and a REAL sshd on 12
 
 from __future__ import annotations
 
+import http.server
 import json
 import lzma
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,9 +550,10 @@ class SshServer:
         return path
 
     def session_pids(self) -> list[int]:
-        """The per-connection sshd processes (children of the listener), not the wrapper."""
+        """The per-connection sshd processes (below the listener), not the wrapper they run."""
         assert self.proc is not None
-        found = []
+        parents: dict[int, int] = {}
+        names: dict[int, str] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -558,11 +561,18 @@ class SshServer:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if ppid == self.proc.pid and comm.startswith("sshd"):
-                found.append(int(entry.name))
-        return found
+            pid = int(entry.name)
+            names[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
+            parents[pid] = int(stat[stat.rindex(")") + 2 :].split()[1])
+
+        def below_listener(pid: int) -> bool:
+            while pid in parents and pid > 1:
+                pid = parents[pid]
+                if pid == self.proc.pid:  # type: ignore[union-attr]
+                    return True
+            return False
+
+        return [p for p, n in names.items() if n.startswith("sshd") and below_listener(p)]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -573,3 +583,74 @@ class SshServer:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+
+# ------------------------------------------------------------------------- a manifest server
+
+
+class ManifestServer:
+    """Serves ``/api/v1/releases/<release>/manifest`` like the companion, for by-hand runs of
+    the wrapper (no companion). Checks the bearer token; ``manifest`` may be edited between runs."""
+
+    def __init__(self, token: str, manifest: dict[str, Any]) -> None:
+        self.token = token
+        self.manifest = manifest
+        self.requests: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests.append((self.path, self.headers.get("Authorization", "")))
+                release = outer.manifest.get("release")
+                if self.headers.get("Authorization") != f"Bearer {outer.token}":
+                    self._answer(401, {"error": {"code": "unauthorized"}})
+                elif self.path != f"/api/v1/releases/{release}/manifest":
+                    self._answer(404, {"error": {"code": "not_found"}})
+                else:
+                    self._answer(200, outer.manifest)
+
+            def _answer(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def shipped_manifest(
+    release: str = "2026.06",
+    secret: str = "test-firstboot-secret-0123456789",  # noqa: S107
+) -> dict[str, Any]:
+    """The shipped manifest as the companion's route answers it."""
+    from companion.manifest import load_manifest
+
+    data: dict[str, Any] = load_manifest(REPO / "releases" / f"{release}.yaml").model_dump(
+        mode="json"
+    )
+    data["build"] = {
+        "manifest_sha256": "0" * 64,
+        "companion_url": "http://127.0.0.1:8580",
+        "firstboot_secret": secret,
+    }
+    return data
+
+
+def events(stdout: str) -> list[dict[str, Any]]:
+    """The wrapper's JSON lines."""
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
