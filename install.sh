@@ -53,8 +53,8 @@ OPT_IP="" OPT_GW="" OPT_VLAN="" OPT_CORES="" OPT_MEMORY="" OPT_SWAP="" OPT_DISK=
 OPT_PORT="" OPT_SITE_ID="" OPT_PLATFORM_URL="" OPT_PLATFORM_TOKEN_FILE="" OPT_SOURCE=""
 API_TOKEN="" FIRSTBOOT_SECRET="" PVE_TOKEN_SECRET="" PLATFORM_TOKEN=""
 SRC_DIR="" SRC_HASH="" ARCH_DEB="" PVE_VERSION="" PVE_FINGERPRINT="" HOST_KEY_LINE=""
-CT_EXISTS=0 CT_IP="" TEMPLATE_VOLID="" OUT="" TMP="" CHANGES=0 SYNC_CHANGED=0
-ROOT="" H_ETC="" H_STATE="" H_KEY="" H_AUTH_KEYS="" H_HOST_KEY="" H_WRAPPER="" H_BACKUP_DIR=""
+CT_EXISTS=0 CT_IP="" COMPANION_UPDATED=0 USER_PLANNED=0 TEMPLATE_VOLID="" OUT="" TMP="" CHANGES=0 SYNC_CHANGED=0
+ROOT="" H_ETC="" H_STATE="" H_SHARE="" H_BUILD_CONF="" H_TOKEN_FILE="" H_KEY="" H_AUTH_KEYS="" H_HOST_KEY="" H_WRAPPER="" H_BACKUP_DIR=""
 POLL_SECONDS=2 POLL_TRIES=60
 declare -A CTCONF=()
 
@@ -283,6 +283,9 @@ init_paths() {
   H_HOST_KEY="$ROOT/etc/ssh/ssh_host_ed25519_key.pub"
   H_WRAPPER="$ROOT$BUILD_WRAPPER"
   H_BACKUP_DIR="$ROOT/var/lib/ctrlable/backup"
+  H_SHARE="$ROOT/usr/local/share/ctrlable-build"
+  H_BUILD_CONF="$H_ETC/ctrlable-build.conf"
+  H_TOKEN_FILE="$H_ETC/companion-token"
   POLL_SECONDS="${CTRLABLE_INSTALL_POLL_SECONDS:-2}"
   POLL_TRIES="${CTRLABLE_INSTALL_POLL_TRIES:-60}"
   check_int CTRLABLE_INSTALL_POLL_SECONDS "$POLL_SECONDS" 0 60
@@ -430,7 +433,8 @@ check_source() {
   SRC_DIR="$(cd "$SRC_DIR" && pwd)"
   local item
   for item in pyproject.toml README.md companion/__init__.py companion/cli.py releases \
-    deploy/ctrlable-companion.service host/ctrlable-build; do
+    deploy/ctrlable-companion.service host/ctrlable-build firstboot/ctrlable-firstboot.sh \
+    firstboot/ctrlable-firstboot.service; do
     [[ -e $SRC_DIR/$item ]] || die "$E_HOST" "source tree $SRC_DIR is incomplete: $item is missing"
   done
   if ! grep -q '^ctrlable-companion *= *"companion.cli:' "$SRC_DIR/pyproject.toml"; then
@@ -638,14 +642,53 @@ ensure_secrets() {
   save_state
 }
 
-install_build_wrapper() {
-  step "Build wrapper $BUILD_WRAPPER"
-  local src="$SRC_DIR/host/ctrlable-build"
-  if [[ -f $H_WRAPPER ]] && cmp -s "$src" "$H_WRAPPER" && [[ $(stat -c %a "$H_WRAPPER") == 755 ]]; then
-    note "up to date"
+# host_sync SRC DEST MODE: install SRC as DEST unless DEST already has that content and mode.
+host_sync() {
+  local src=$1 dest=$2 mode=$3
+  if [[ -f $dest ]] && cmp -s "$src" "$dest" && [[ $(stat -c %a "$dest") == "${mode#0}" ]]; then
     return 0
   fi
-  mutate "$E_HOST" "installing $H_WRAPPER" install -D -m 0755 "$src" "$H_WRAPPER"
+  mutate "$E_HOST" "installing $dest" install -D -m "$mode" "$src" "$dest"
+}
+
+install_build_wrapper() {
+  step "Build wrapper $BUILD_WRAPPER and its first-boot files"
+  local before=$CHANGES name
+  host_sync "$SRC_DIR/host/ctrlable-build" "$H_WRAPPER" 0755
+  host_sync "$SRC_DIR/firstboot/ctrlable-firstboot.sh" "$H_SHARE/firstboot/ctrlable-firstboot.sh" 0755
+  host_sync "$SRC_DIR/firstboot/ctrlable-firstboot.service" "$H_SHARE/firstboot/ctrlable-firstboot.service" 0644
+  if [[ -d $SRC_DIR/host/overlays ]]; then
+    while IFS= read -r name; do
+      host_sync "$SRC_DIR/host/overlays/$name" "$H_SHARE/overlays/$name" 0644
+    done < <(cd "$SRC_DIR/host/overlays" && find . -type f -name '*.patch' | sed 's|^\./||' | sort)
+  fi
+  if ((CHANGES == before)); then note "up to date"; fi
+  local tool missing=""
+  for tool in curl jq git python3 xz flock setsid; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=" $tool"
+  done
+  if [[ -n $missing ]]; then
+    warn "template builds need:$missing (install them with apt-get)"
+  fi
+}
+
+# The wrapper's conf (ctrlable-build --help): where the companion is and how to authenticate.
+configure_build_wrapper() {
+  step "Build wrapper configuration $H_BUILD_CONF"
+  local before=$CHANGES
+  printf '%s\n' "$API_TOKEN" >"$TMP/companion-token"
+  host_sync "$TMP/companion-token" "$H_TOKEN_FILE" 0600
+  cat >"$TMP/build.conf" <<EOF
+# Written by install.sh for $BUILD_WRAPPER (see ctrlable-build --help). Re-run install.sh to change it.
+COMPANION_URL=http://$CT_IP:$OPT_PORT
+COMPANION_TOKEN_FILE=$H_TOKEN_FILE
+CONTAINER_STORAGE=$OPT_STORAGE
+TEMPLATE_STORAGE=$OPT_TEMPLATE_STORAGE
+BRIDGE=$OPT_BRIDGE
+SERVE_ADDRESS=$OPT_PVE_HOST
+EOF
+  host_sync "$TMP/build.conf" "$H_BUILD_CONF" 0600
+  if ((CHANGES == before)); then note "up to date"; fi
 }
 
 ensure_ssh_key() {
@@ -732,7 +775,10 @@ ensure_user() {
   # shellcheck disable=SC2016  # perl code
   state="$(json 'for (@$d) { next unless $_->{userid} eq $ARGV[0]; print((!defined $_->{enable} || $_->{enable}) ? "enabled\n" : "disabled\n"); exit 0 } print "-\n";' "$PVE_USER")"
   case "$state" in
-    -) mutate "$E_ACCESS" "creating user $PVE_USER" pveum user add "$PVE_USER" --comment "Ctrlable provisioner (install.sh)" ;;
+    -)
+      mutate "$E_ACCESS" "creating user $PVE_USER" pveum user add "$PVE_USER" --comment "Ctrlable provisioner (install.sh)"
+      USER_PLANNED=$DRY_RUN
+      ;;
     disabled) mutate "$E_ACCESS" "enabling user $PVE_USER" pveum user modify "$PVE_USER" --enable 1 ;;
     *) note "user $PVE_USER: present" ;;
   esac
@@ -755,6 +801,10 @@ add_token() {
 }
 
 ensure_token() {
+  if ((USER_PLANNED)); then # dry run: the user does not exist yet, so neither does its token
+    add_token
+    return 0
+  fi
   capture "$E_ACCESS" "pveum user token list" pveum user token list "$PVE_USER" --output-format json
   local state
   # shellcheck disable=SC2016  # perl code
@@ -1010,6 +1060,7 @@ install_companion() {
     return 0
   fi
   note "installing source ${SRC_HASH:0:12} from $SRC_DIR"
+  COMPANION_UPDATED=1
   local try ok=0
   for ((try = 1; try <= 3; try++)); do
     if ((DRY_RUN)); then
@@ -1104,7 +1155,7 @@ restore_data() {
 
 configure_companion() {
   step "Companion configuration and service"
-  local restart=0 reload=0
+  local restart=$COMPANION_UPDATED reload=0
   render_env >"$TMP/companion.env"
   if grep -q '[[:space:]"'\''\\$`]' <(grep -v '^#' "$TMP/companion.env"); then
     die "$E_INTERNAL" "refusing to write a .env value with whitespace, quotes or shell characters"
@@ -1192,6 +1243,7 @@ do_install() {
   setup_container
   install_companion
   configure_companion
+  configure_build_wrapper
   save_state
   print_summary
 }
@@ -1271,6 +1323,10 @@ do_uninstall() {
   step "Removing host files"
   remove_authorized_key
   if [[ -e $H_WRAPPER ]]; then mutate "$E_HOST" "removing $H_WRAPPER" rm -f "$H_WRAPPER"; fi
+  if [[ -e $H_SHARE ]]; then mutate "$E_HOST" "removing $H_SHARE" rm -rf "$H_SHARE"; fi
+  if [[ -e $H_BUILD_CONF || -e $H_TOKEN_FILE ]]; then
+    mutate "$E_HOST" "removing the build wrapper's conf" rm -f "$H_BUILD_CONF" "$H_TOKEN_FILE"
+  fi
   if ((PURGE_DATA)); then
     if [[ -e $H_ETC ]]; then mutate "$E_HOST" "removing $H_ETC (secrets, SSH key)" rm -rf "$H_ETC"; fi
     if [[ -e $H_BACKUP_DIR ]]; then mutate "$E_HOST" "removing $H_BACKUP_DIR" rm -rf "$H_BACKUP_DIR"; fi
