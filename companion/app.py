@@ -7,14 +7,17 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .build import BuildPlane
 from .deploy import DeployPlane
 from .discovery import Advertiser
 from .events import EventBus
+from .haos import HaosHandler
 from .manifest import ReleaseCatalog
 from .platform import PlatformPlane
 from .provision import ProvisionPlane
 from .proxmox import ProxmoxClient
 from .releases import Releases
+from .routes import build as build_routes
 from .routes import core, host
 from .routes import deploy as deploy_routes
 from .routes import provision as provision_routes
@@ -26,7 +29,7 @@ from .web import Api, auth_middleware_factory, error_middleware_factory
 _LOGGER = logging.getLogger(__name__)
 
 # Each plane's routes; a plane adds its module here.
-ROUTE_MODULES = [core, host, deploy_routes, provision_routes]
+ROUTE_MODULES = [core, host, deploy_routes, provision_routes, build_routes]
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -51,8 +54,16 @@ async def build_services(settings: Settings) -> Services:
     services.platform = PlatformPlane(settings, db, events, releases)
     services.components.append(services.platform)
     services.provision = ProvisionPlane(settings, db, events)
+    services.build = BuildPlane(settings, db, events, catalog, releases)
+    services.components.append(services.build)
     services.deploy = DeployPlane(services)
     services.components.append(services.deploy)
+    # ctrlable-pro: the HAOS flow is the deploy plane's ``vm`` kind; it also keeps the apps'
+    # MQTT logins in the VM's HA in sync and adds the ``ha`` facts to the platform report.
+    haos = HaosHandler(services)
+    services.deploy.register_kind(haos)
+    services.components.append(haos)
+    services.platform.add_instance_extras(haos.report_extras)
     if settings.mdns:
         services.components.append(Advertiser(settings))
     return services
