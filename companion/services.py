@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .build import BuildPlane
     from .deploy import DeployPlane
     from .events import EventBus
     from .manifest import ReleaseCatalog
@@ -30,6 +31,7 @@ class Services:
     """Core services; each plane adds its own attribute in ``app.build_services``."""
 
     pve: ProxmoxClient
+    build: BuildPlane
     platform: PlatformPlane
     deploy: DeployPlane
     provision: ProvisionPlane
