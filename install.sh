@@ -556,11 +556,14 @@ ct_is_ours() {
 
 discover_ct() {
   CT_EXISTS=0
+  capture "$E_CT" "pvesh get /cluster/resources" pvesh get /cluster/resources --type vm --output-format json
+  local found
+  # shellcheck disable=SC2016  # perl code
+  found="$(json 'for (@$d) { next unless ($_->{type} // "") eq "lxc"; my %t = map { $_ => 1 } split /[;, ]+/, ($_->{tags} // ""); print "$_->{vmid}\n" if $t{$ARGV[0]}; }' "$CT_TAG")"
+  if [[ -n $OPT_CTID && -n $found ]] && ! grep -qx -- "$OPT_CTID" <<<"$found"; then
+    die "$E_CT" "the orchestrator already exists as CT $(tr '\n' ' ' <<<"$found")(tag $CT_TAG); one host runs one orchestrator: drop --ctid, or --uninstall first"
+  fi
   if [[ -z $OPT_CTID ]]; then
-    capture "$E_CT" "pvesh get /cluster/resources" pvesh get /cluster/resources --type vm --output-format json
-    local found
-    # shellcheck disable=SC2016  # perl code
-    found="$(json 'for (@$d) { next unless ($_->{type} // "") eq "lxc"; my %t = map { $_ => 1 } split /[;, ]+/, ($_->{tags} // ""); print "$_->{vmid}\n" if $t{$ARGV[0]}; }' "$CT_TAG")"
     if [[ $(wc -w <<<"$found") -gt 1 ]]; then
       die "$E_CT" "several containers carry the tag $CT_TAG ($(tr '\n' ' ' <<<"$found")); pass --ctid"
     fi
@@ -612,6 +615,9 @@ ensure_secrets() {
   API_TOKEN="${SAVED_API_TOKEN:-}"
   FIRSTBOOT_SECRET="${SAVED_FIRSTBOOT_SECRET:-}"
   PVE_TOKEN_SECRET="${SAVED_PVE_TOKEN_SECRET:-}"
+  if [[ -z $API_TOKEN ]] && ((CT_EXISTS && !DRY_RUN)) && ! ct_running; then
+    mutate "$E_CT" "starting CT $OPT_CTID to read its settings" pct start "$OPT_CTID"
+  fi
   if [[ -z $API_TOKEN ]] && ((CT_EXISTS)) && ct_running && ct_fetch "$CT_ENV" "$TMP/ct.env"; then
     note "recovering secrets from the container's $CT_ENV (no $H_STATE on the host)"
     local key value

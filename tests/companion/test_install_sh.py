@@ -588,6 +588,23 @@ def test_secrets_recovered_from_the_container(installed: Host) -> None:
     assert saved["PVE_TOKEN_SECRET"] == env["CTRLABLE_PVE_TOKEN_SECRET"]
 
 
+def test_a_second_orchestrator_is_refused(installed: Host) -> None:
+    mark = len(installed.calls())
+    result = installed.run("--ctid", "200")
+    assert result.returncode == 9
+    assert "the orchestrator already exists as CT 100" in result.stderr
+    assert installed.changes(mark) == []
+
+
+def test_secrets_recovered_from_a_stopped_container(installed: Host) -> None:
+    token = env_of(installed)["CTRLABLE_API_TOKEN"]
+    subprocess.run(["pct", "stop", "100"], env=installed.env(), check=True)
+    (installed.root / "etc/ctrlable/install.env").unlink()
+    installed.ok()
+    assert env_of(installed)["CTRLABLE_API_TOKEN"] == token
+    assert installed.pve()["cts"]["100"]["status"] == "running"
+
+
 def test_unrestricted_entry_for_the_key_is_replaced(installed: Host) -> None:
     auth = installed.root / "root/.ssh/authorized_keys"
     pub = (installed.root / "etc/ctrlable/orchestrator_ed25519.pub").read_text().split()

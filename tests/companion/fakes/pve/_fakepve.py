@@ -29,16 +29,16 @@ Knobs (environment):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
+# Start-up cost matters (the fakes run dozens of times per install): hashlib and shutil are
+# imported where used, typing only for the type checker.
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # keep the fakes' start-up cheap: they run dozens of times per install
+if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
@@ -169,6 +169,8 @@ def real(tool: str, args: list[str]) -> int:
     path = os.pathsep.join(
         p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p).resolve() != here
     )
+    import shutil
+
     exe = shutil.which(tool, path=path)
     if exe is None:
         raise Fail(f"{tool}: not found", 127)
@@ -617,6 +619,8 @@ def storage_kib(spec: str) -> tuple[str, int]:
 
 
 def mac(vmid: str) -> str:
+    import hashlib
+
     digest = hashlib.sha256(vmid.encode()).hexdigest()
     return "BC:24:11:" + ":".join(digest[i : i + 2].upper() for i in (0, 2, 4))
 
@@ -635,6 +639,8 @@ def check_net(text: str, vmid: str) -> str:
 
 
 def cmd_pct(args: list[str], state: dict[str, Any]) -> int:
+    import shutil
+
     if args[:1] == ["exec"]:
         return pct_exec(args[1:], state)
     pos, opts = parse_opts(args)
@@ -736,6 +742,8 @@ def unit_file(vmid: str, unit: str) -> Path:
 
 def unit_hash(vmid: str, unit: str) -> str:
     path = unit_file(vmid, unit)
+    import hashlib
+
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
@@ -859,6 +867,8 @@ def exec_tar(vmid: str, args: list[str]) -> int:
 
 
 def pct_exec(args: list[str], state: dict[str, Any]) -> int:
+    import shutil
+
     vmid = args[0]
     if args[1:2] != ["--"]:
         raise Fail("fake pct exec: use 'pct exec ID -- CMD...'", 2)
