@@ -79,6 +79,9 @@ TOKEN_LIFESPAN_DAYS = 3650
 INTEGRATION_DOMAIN = "ctrlable"
 MQTT_GROUP = "system-users"
 POLL = 1.0
+#: What PVE 8.3 checks for ``agent/network-get-interfaces`` (pve-apidoc); PVE 9 renamed it
+#: ``VM.GuestAgent.Audit``.
+AGENT_PRIVILEGE = "VM.Monitor"
 
 #: Files a base backup must not carry (below the backup's ``data/``): HA users and
 #: credentials, the onboarding state, the instance UUID, secrets and cloud logins. Each site's
@@ -375,7 +378,15 @@ class HaosFlow:
         while True:
             try:
                 interfaces = await self.services.pve.agent_interfaces(instance.node, instance.vmid)
-            except (PveNotFound, PveAuthError, PvePermissionDenied):
+            except PvePermissionDenied as err:
+                # PVE 8 wants VM.Monitor for guest agent calls (PVE 9: VM.GuestAgent.Audit);
+                # waiting will not help: go to the fallback at once.
+                last_error = (
+                    f"the PVE token lacks {err.privilege or AGENT_PRIVILEGE} on "
+                    f"{err.path or f'/vms/{instance.vmid}'} to ask the guest agent"
+                )
+                break
+            except (PveNotFound, PveAuthError):
                 raise
             except ProxmoxError as err:
                 interfaces, last_error = [], str(err)
@@ -397,9 +408,9 @@ class HaosFlow:
             await self._save(address=self.settings.haos_address, port=self.settings.haos_port)
             return
         raise StepFailed(
-            f"the QEMU guest agent reported no IPv4 address for net0 ({instance.mac}) within "
-            f"{self.settings.haos_agent_timeout:g} s ({last_error}); set CTRLABLE_HAOS_ADDRESS "
-            "(e.g. a DHCP reservation for that MAC) to use a known address"
+            f"the QEMU guest agent reported no IPv4 address for net0 ({instance.mac}) "
+            f"({last_error}); set CTRLABLE_HAOS_ADDRESS (e.g. a DHCP reservation for that MAC) "
+            "to use a known address"
         )
 
     async def _wait_http(self, budget: float) -> dict[str, bool]:
