@@ -8,13 +8,11 @@ from the JSON fixtures in `fixtures/`.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Generator
-from pathlib import Path
-from typing import Any
 from unittest.mock import AsyncMock, MagicMock, PropertyMock, patch
 
 import pytest
+from ha_common import ENTRY_ID, TOKEN, URL, load_json, load_overview
 from homeassistant.const import CONF_API_TOKEN, CONF_URL
 from homeassistant.core import HomeAssistant
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -30,23 +28,6 @@ from custom_components.ctrlable.api import (
     Overview,
 )
 from custom_components.ctrlable.const import DOMAIN
-
-FIXTURES = Path(__file__).parent / "fixtures"
-URL = "http://127.0.0.1:8580"
-TOKEN = "secret-token"
-ENTRY_ID = "01JCTRLABLE0000000000000001"
-
-
-def load_json(name: str) -> Any:
-    """A JSON fixture."""
-    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
-
-
-def load_overview(**changes: Any) -> Overview:
-    """The overview fixture, with top-level keys replaced by `changes`."""
-    data = load_json("overview.json")
-    data.update(changes)
-    return Overview.from_dict(data)
 
 
 @pytest.fixture(autouse=True)
@@ -137,9 +118,7 @@ def mock_client(overview: Overview, event_feed: EventFeed) -> Generator[MagicMoc
         client.url = URL
         client.overview.return_value = overview
         client.events.side_effect = event_feed.stream
-        client.create_instance.return_value = Instance.from_dict(
-            load_json("instance_pending.json")
-        )
+        client.create_instance.return_value = Instance.from_dict(load_json("instance_pending.json"))
         client.deploy.return_value = [
             Instance.from_dict(item) for item in load_json("deploy.json")["instances"]
         ]
