@@ -15,10 +15,10 @@ from .haos import HaosHandler
 from .manifest import ReleaseCatalog
 from .platform import PlatformPlane
 from .provision import ProvisionPlane
-from .proxmox import ProxmoxClient
+from .proxmox import ProxmoxClient, ProxmoxError
 from .releases import Releases
 from .routes import build as build_routes
-from .routes import core, host
+from .routes import core, host, overview
 from .routes import deploy as deploy_routes
 from .routes import provision as provision_routes
 from .services import SERVICES, Services
@@ -29,7 +29,7 @@ from .web import Api, auth_middleware_factory, error_middleware_factory
 _LOGGER = logging.getLogger(__name__)
 
 # Each plane's routes; a plane adds its module here.
-ROUTE_MODULES = [core, host, deploy_routes, provision_routes, build_routes]
+ROUTE_MODULES = [core, host, overview, deploy_routes, provision_routes, build_routes]
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -64,9 +64,31 @@ async def build_services(settings: Settings) -> Services:
     services.deploy.register_kind(haos)
     services.components.append(haos)
     services.platform.add_instance_extras(haos.report_extras)
+    services.components.append(TemplateAdoption(services))
     if settings.mdns:
         services.components.append(Advertiser(settings))
     return services
+
+
+class TemplateAdoption:
+    """On start, adopt the templates the build wrapper left on the host (tagged ``ctrlable``),
+    so a site whose DB is new still knows its active release. Best effort: PVE may be down."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    async def start(self) -> None:
+        try:
+            guests = await self._services.pve.guests()
+        except ProxmoxError as err:
+            _LOGGER.warning("template adoption skipped: %s", err)
+            return
+        activated = await self._services.releases.adopt([g.resource() for g in guests])
+        if activated:
+            _LOGGER.info("adopted templates from the host; active release %s", activated[-1])
+
+    async def stop(self) -> None:
+        return None
 
 
 def create_app(settings: Settings, services: Services | None = None) -> web.Application:

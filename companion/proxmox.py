@@ -1035,9 +1035,11 @@ class ProxmoxClient:
         result = await self.request("GET", "version")
         return dict(result) if isinstance(result, Mapping) else {}
 
-    async def guests(self) -> list[Guest]:
+    async def guests(self, *, retry: bool = False) -> list[Guest]:
         """Every guest of the cluster the token may see, from ONE ``/cluster/resources`` call."""
-        entries = await self.request("GET", "cluster/resources", {"type": "vm"})
+        # A dashboard read has no retry loop by default (the next poll is the retry), so an
+        # unreachable PVE is reported at once instead of after the whole backoff.
+        entries = await self.request("GET", "cluster/resources", {"type": "vm"}, retry=retry)
         guests = []
         for entry in entries or ():
             if not isinstance(entry, Mapping) or entry.get("type") not in KINDS:
@@ -1050,7 +1052,7 @@ class ProxmoxClient:
 
     async def find_guest(self, vmid: int) -> Guest | None:
         """The guest with this vmid on any node (its ``node`` is where it lives), or None."""
-        return next((g for g in await self.guests() if g.vmid == vmid), None)
+        return next((g for g in await self.guests(retry=True) if g.vmid == vmid), None)
 
     async def node_of(self, vmid: int) -> str:
         guest = await self.find_guest(vmid)
@@ -1063,7 +1065,8 @@ class ProxmoxClient:
         """Health of every node: ``/nodes``, then per online node its status and storages.
         A node whose status PVE refuses (no Sys.Audit) is still listed from ``/nodes`` and the
         missing privilege is recorded in ``problems()``."""
-        entries = [e for e in await self.request("GET", "nodes") or () if isinstance(e, Mapping)]
+        listed = await self.request("GET", "nodes", retry=False)  # a dashboard read, see guests()
+        entries = [e for e in listed or () if isinstance(e, Mapping)]
 
         async def optional(path: str) -> Any:
             # Degrade, do not fail: a refused or unreachable detail leaves the /nodes numbers

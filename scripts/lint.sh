@@ -17,8 +17,9 @@ main() {
   echo "== ruff"
   .venv/bin/ruff check .
   .venv/bin/ruff format --check . >/dev/null || { .venv/bin/ruff format --check .; exit 1; }
-  echo "== mypy (strict)"
+  echo "== mypy (strict): companion as Python 3.11, the integration as Python 3.13"
   .venv/bin/mypy
+  .venv/bin/mypy --python-version 3.13 custom_components/ctrlable
   echo "== shellcheck"
   command -v shellcheck >/dev/null || { echo "shellcheck missing (apt-get install shellcheck)"; exit 1; }
   mapfile -t files < <(shell_files)

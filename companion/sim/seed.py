@@ -19,6 +19,7 @@ class TemplateSpec:
     kind: str
     vmid: int
     node: str = "pve"
+    release: str | None = None  # when set, tagged as the build wrapper tags a finished template
 
     @property
     def pve_kind(self) -> Kind:
@@ -53,7 +54,10 @@ def templates_from_release(path: Path, node: str = "pve") -> list[TemplateSpec]:
         if not isinstance(spec, dict) or "kind" not in spec or "vmid_base" not in spec:
             msg = f"{path}: templates.{name}: needs 'kind' and 'vmid_base'"
             raise ValueError(msg)
-        out.append(TemplateSpec(str(name), str(spec["kind"]), int(spec["vmid_base"]), node))
+        release = str(data["release"]) if data.get("release") is not None else None
+        out.append(
+            TemplateSpec(str(name), str(spec["kind"]), int(spec["vmid_base"]), node, release)
+        )
     return out
 
 
@@ -76,4 +80,9 @@ def seed_default(state: ClusterState, templates: list[TemplateSpec] | None = Non
             used=90 * 1024**3,
         )  # fmt: skip
     for spec in specs:
-        state.add_guest(spec.pve_kind, spec.vmid, spec.node, spec.name, template=True)
+        config = (
+            {"tags": f"ctrlable;release-{spec.release};tmpl-{spec.name}"} if spec.release else None
+        )
+        state.add_guest(
+            spec.pve_kind, spec.vmid, spec.node, spec.name, template=True, config=config
+        )
