@@ -51,6 +51,7 @@ async def test_overview_reports_an_unreachable_pve_instead_of_failing(
     companion = await companion_factory(settings)
     status, body = await companion.request("GET", "/api/v1/overview")
     assert status == 200
-    assert body["nodes"] == [] and body["guests"] == []
+    assert body["nodes"] == []
+    assert body["guests"] == []
     assert [p["code"] for p in body["problems"]] == ["pve_unreachable"]
     assert body["releases"]["latest"] == "2026.06"
