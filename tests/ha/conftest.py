@@ -7,22 +7,22 @@ from the JSON fixtures in `fixtures/`.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Generator
+from collections.abc import Generator
 from unittest.mock import AsyncMock, MagicMock, PropertyMock, patch
 
 import pytest
-from ha_common import ENTRY_ID, TOKEN, URL, load_json, load_overview
+from ha_common import ENTRY_ID, TOKEN, URL, EventFeed, load_json, load_overview
 from homeassistant.const import CONF_API_TOKEN, CONF_URL
 from homeassistant.core import HomeAssistant
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+from pytest_homeassistant_custom_component.syrupy import HomeAssistantSnapshotExtension
+from syrupy.assertion import SnapshotAssertion
 
 # Import the package at module level: otherwise the `hass` fixture's testing config shadows the
 # `custom_components` package and Home Assistant cannot find the integration.
 from custom_components.ctrlable import coordinator as ctrlable_coordinator
 from custom_components.ctrlable.api import (
     Build,
-    CtrlableEvent,
     GuestActionResult,
     Instance,
     Overview,
@@ -33,6 +33,12 @@ from custom_components.ctrlable.const import DOMAIN
 @pytest.fixture(autouse=True)
 def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
     """Let Home Assistant load custom_components/ctrlable."""
+
+
+@pytest.fixture
+def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
+    """Snapshots with Home Assistant's serializer (stable ids, readable registry entries)."""
+    return snapshot.use_extension(HomeAssistantSnapshotExtension)
 
 
 @pytest.fixture
@@ -63,36 +69,6 @@ def mock_setup_entry() -> Generator[AsyncMock]:
     """Flow tests do not set the entry up."""
     with patch("custom_components.ctrlable.async_setup_entry", return_value=True) as mock:
         yield mock
-
-
-class EventFeed:
-    """Feeds events to the mocked client's event stream, one `CtrlableEvent` at a time."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[CtrlableEvent | BaseException | None] = asyncio.Queue()
-
-    def stream(self, since: int | None = None) -> AsyncIterator[CtrlableEvent]:
-        """What `client.events(since)` returns: items put on the queue, until None."""
-
-        async def _gen() -> AsyncIterator[CtrlableEvent]:
-            while True:
-                item = await self.queue.get()
-                try:
-                    if item is None:
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                finally:
-                    self.queue.task_done()
-
-        return _gen()
-
-    async def push(self, *items: CtrlableEvent | BaseException | None) -> None:
-        """Put items on the stream and wait until the integration has handled them."""
-        for item in items:
-            self.queue.put_nowait(item)
-        await self.queue.join()
 
 
 @pytest.fixture
