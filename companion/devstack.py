@@ -103,6 +103,85 @@ async def wait_http(
     raise StackError(msg)
 
 
+# --- PVE simulator and companion ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimInfo:
+    url: str
+    ca_file: str
+    fingerprint: str
+    token_id: str
+    token_secret: str
+
+
+async def start_sim(
+    workdir: Path, task_seconds: float = 1.0, timeout: float = 30.0
+) -> tuple[Proc, SimInfo]:
+    """The simulator as a process, seeded with the newest release's (tagged) templates."""
+    port = free_port()
+    log = workdir / "sim.log"
+    proc = spawn(
+        "simulator",
+        [sys.executable, "-m", "companion", "sim", "--port", str(port),
+         "--cert-dir", str(workdir / "sim-certs"), "--task-seconds", str(task_seconds)],
+        log,
+        env={"CTRLABLE_SIM_TOKEN_SECRET": secrets.token_hex(16)},
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"token_secret"' in line:
+                data = json.loads(line)
+                base = f"https://{data['host']}:{data['port']}"
+                return proc, SimInfo(
+                    base, data["ca_file"], data["fingerprint"], data["token_id"],
+                    data["token_secret"],
+                )  # fmt: skip
+        if not proc.alive():
+            break
+        await asyncio.sleep(0.1)
+    proc.stop()
+    msg = f"the simulator did not start:\n{proc.log_tail()}"
+    raise StackError(msg)
+
+
+def companion_env(
+    workdir: Path, sim: SimInfo, api_token: str, port: int, **extra: str
+) -> dict[str, str]:
+    env = {
+        "CTRLABLE_API_TOKEN": api_token,
+        "CTRLABLE_LISTEN_HOST": "127.0.0.1",
+        "CTRLABLE_LISTEN_PORT": str(port),
+        "CTRLABLE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "CTRLABLE_DATA_DIR": str(workdir / "companion"),
+        "CTRLABLE_PVE_URL": sim.url,
+        "CTRLABLE_PVE_TOKEN_ID": sim.token_id,
+        "CTRLABLE_PVE_TOKEN_SECRET": sim.token_secret,
+        "CTRLABLE_PVE_CA_FILE": sim.ca_file,
+        "CTRLABLE_FIRSTBOOT_SECRET": secrets.token_urlsafe(24),
+        "CTRLABLE_SITE_ID": "demo-site",
+        "CTRLABLE_SITE_NAME": "Ctrlable demo site",
+    }
+    env.update(extra)
+    return env
+
+
+async def start_companion(
+    workdir: Path, sim: SimInfo, api_token: str, timeout: float = 30.0, **extra: str
+) -> tuple[Proc, str]:
+    port = free_port()
+    proc = spawn(
+        "companion",
+        [sys.executable, "-m", "companion", "serve"],
+        workdir / "companion.log",
+        env=companion_env(workdir, sim, api_token, port, **extra),
+    )
+    url = f"http://127.0.0.1:{port}"
+    await wait_http(proc, f"{url}/api/health", timeout)
+    return proc, url
+
+
 # --- Home Assistant -------------------------------------------------------------------------
 
 
@@ -240,7 +319,7 @@ async def add_ctrlable_entry(ha: HaSession, companion_url: str, api_token: str) 
     status, result = await ha.call(
         "POST",
         f"/api/config/config_entries/flow/{flow['flow_id']}",
-        json={"url": companion_url, "token": api_token},
+        json={"url": companion_url, "api_token": api_token},
     )
     if status != 200 or result.get("type") != "create_entry":
         msg = f"the ctrlable config flow did not create an entry ({status}): {result}"
