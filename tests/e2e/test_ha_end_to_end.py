@@ -92,7 +92,7 @@ async def test_deploy_instance_through_home_assistant(
     )
     assert status == 200, answer
     response = answer["service_response"]
-    instances = response["instances"] if "instances" in response else [response]
+    instances = response.get("instances", [response])
     assert instances[0]["hostname"] == HOSTNAME
     instance_id = instances[0]["id"]
 
