@@ -41,7 +41,11 @@ async def run(workdir: Path, with_ha: bool) -> int:
         sim_proc, sim = await start_sim(workdir)
         procs.append(sim_proc)
         api_token = secrets.token_urlsafe(24)
-        companion_proc, companion_url = await start_companion(workdir, sim, api_token)
+        # Simulated guests run no first-boot unit, so deployed instances wait in
+        # awaiting_firstboot; a day-long timeout keeps them there instead of rolling back.
+        companion_proc, companion_url = await start_companion(
+            workdir, sim, api_token, CTRLABLE_FIRSTBOOT_TIMEOUT="86400"
+        )
         procs.append(companion_proc)
         lines = [
             "Ctrlable demo is running (Ctrl-C stops it).",
@@ -62,6 +66,8 @@ async def run(workdir: Path, with_ha: bool) -> int:
                 "  deploy from HA: Settings > Devices & services > Ctrlable > Add instance,",
                 "                  or the action ctrlable.deploy_instance",
             ]
+        lines.append("  note          : simulated guests have no first boot; instances stay in")
+        lines.append("                  awaiting_firstboot (tests run the real first-boot script)")
         lines.append(f"  logs          : {workdir}")
         print("\n".join(lines), flush=True)
         stop = asyncio.Event()
