@@ -152,10 +152,11 @@ def inspect_base_backup(path: Path) -> BaseBackup:
             )
         compressed = bool(meta.get("compressed", True))
         inner_name = f"homeassistant.tar{'.gz' if compressed else ''}"
-        member = next((m for m in outer.getmembers() if m.name.lstrip("./") == inner_name), None)
+        # HA core looks both names up literally: "./backup.json" and "homeassistant.tar.gz".
+        member = next((m for m in outer.getmembers() if m.name == inner_name), None)
         inner_file = None if member is None else outer.extractfile(member)
         if inner_file is None:
-            raise BaseBackupError(f"{path.name}: no {inner_name} inside")
+            raise BaseBackupError(f"{path.name}: no member named exactly {inner_name!r}")
         try:
             with tarfile.open(
                 fileobj=io.BytesIO(inner_file.read()), mode="r:gz" if compressed else "r:"
@@ -210,7 +211,7 @@ def make_base_backup(
     with tarfile.open(dest, "w:") as outer:
         for arcname, payload in (
             ("./backup.json", json.dumps(meta).encode()),
-            ("./homeassistant.tar.gz", inner_buf.getvalue()),
+            ("homeassistant.tar.gz", inner_buf.getvalue()),
         ):
             info = tarfile.TarInfo(arcname)
             info.size = len(payload)
@@ -263,8 +264,11 @@ def _digest(value: str) -> str:
 class HaosFlow:
     """Runs (or resumes) the recorded steps for one ctrlable-pro instance."""
 
-    def __init__(self, services: Services, instance: Instance) -> None:
+    def __init__(
+        self, services: Services, instance: Instance, sync_lock: asyncio.Lock | None = None
+    ) -> None:
         self.services = services
+        self.sync_lock = sync_lock or asyncio.Lock()
         self.settings = services.settings
         self.db = services.db
         self.instance = instance
@@ -302,14 +306,21 @@ class HaosFlow:
         self._row = row
 
     async def _save(self, **changes: Any) -> None:
-        if "facts" in changes:
-            changes["facts"] = dumps({**self.facts, **changes["facts"]})
+        """Update the record; ``facts`` are merged into the stored ones (read and written in
+        one transaction: the MQTT login sync writes facts too)."""
         changes["updated_at"] = utcnow()
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        await self.db.execute(
-            f"UPDATE haos_flows SET {sets} WHERE instance_id = ?",  # noqa: S608 - fixed names
-            (*changes.values(), self.instance.id),
-        )
+        async with self.db.transaction() as tx:
+            if "facts" in changes:
+                row = await tx.fetchone(
+                    "SELECT facts FROM haos_flows WHERE instance_id = ?", (self.instance.id,)
+                )
+                stored = json.loads(row["facts"] or "{}") if row else {}
+                changes["facts"] = dumps({**stored, **changes["facts"]})
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            await tx.execute(
+                f"UPDATE haos_flows SET {sets} WHERE instance_id = ?",  # noqa: S608 - fixed names
+                (*changes.values(), self.instance.id),
+            )
         self._row.update(changes)
 
     async def _secret(self, what: str) -> str | None:
@@ -613,10 +624,16 @@ class HaosFlow:
         token = await self._long_lived()
         entry_id = await self._ensure_integration(token)
         await self._save(facts={"config_entry_id": entry_id})
-        await sync_mqtt_logins(self.services, self.instance, self.ha, token)
+        async with self.sync_lock:
+            await sync_mqtt_logins(self.services, self.instance, self.ha, token)
 
     async def _ensure_integration(self, token: str) -> str | None:
-        """The ``ctrlable`` config entry pointing at this companion (idempotent)."""
+        """The ``ctrlable`` config entry pointing at this companion (idempotent). The flow id is
+        recorded before it is used: a flow left open by a stopped companion is aborted first
+        (HA would answer ``already_in_progress``)."""
+        stale = self.facts.get("config_flow_id")
+        if stale:
+            await self.ha.abort_flow(str(stale), token)
         try:
             result = await self.ha.start_flow(INTEGRATION_DOMAIN, token)
         except HaError as err:
@@ -631,6 +648,7 @@ class HaosFlow:
                 return self.facts.get("config_entry_id")
             raise StepFailed(f"ctrlable config flow aborted: {result.get('reason')}")
         if result.get("type") == "form":
+            await self._save(facts={"config_flow_id": result["flow_id"]})
             result = await self.ha.flow_step(
                 str(result["flow_id"]),
                 {
@@ -647,6 +665,7 @@ class HaosFlow:
                 f"(HA could not use {self.settings.public_url}): "
                 f"{result.get('errors') or result.get('reason') or result.get('type')}"
             )
+        await self._save(facts={"config_flow_id": None})
         entry = result.get("result")
         return str(entry.get("entry_id")) if isinstance(entry, dict) else None
 
@@ -718,12 +737,25 @@ async def sync_mqtt_logins(services: Services, pro: Instance, ha: HaClient, toke
     if not wanted and not managed:
         return
     async with ha.websocket(token) as ws:
-        users = await ws.call("config/auth/list")
-        by_name = {str(u["username"]): u for u in users or [] if u.get("username")}
+        users = await ws.call("config/auth/list") or []
+        by_name = {str(u["username"]): u for u in users if u.get("username")}
         for username, password in sorted(wanted.items()):
             user = by_name.get(username)
             known = managed.get(username)
             if user is None:
+                # A user a stopped sync created without its login yet: give it the login.
+                orphan = next((u for u in users if _made_by_us(u, username, bare=True)), None)
+                if orphan is not None:
+                    user_id = str(orphan["id"])
+                    await ws.call(
+                        "config/auth_provider/homeassistant/create",
+                        user_id=user_id,
+                        username=username,
+                        password=password,
+                    )
+                    managed[username] = {"user_id": user_id, "digest": _digest(user_id + password)}
+                    continue
+                _LOGGER.info("instance %s: creating the MQTT login %s in HA", pro.id, username)
                 created = await ws.call(
                     "config/auth/create", name=username, group_ids=[MQTT_GROUP], local_only=True
                 )
@@ -734,7 +766,7 @@ async def sync_mqtt_logins(services: Services, pro: Instance, ha: HaClient, toke
                     username=username,
                     password=password,
                 )
-            elif known is None and username not in managed:
+            elif known is None and not _made_by_us(user, username):
                 # A user of that name exists that we did not make: leave it alone.
                 _LOGGER.warning(
                     "instance %s: HA user %s exists and is not ours; not changing it",
@@ -756,12 +788,31 @@ async def sync_mqtt_logins(services: Services, pro: Instance, ha: HaClient, toke
             if user is not None and str(user["id"]) == managed[username]["user_id"]:
                 await ws.call("config/auth/delete", user_id=managed[username]["user_id"])
             del managed[username]
-    facts["mqtt_users"] = managed
-    await services.db.execute(
-        "UPDATE haos_flows SET facts = ?, updated_at = ? WHERE instance_id = ?",
-        (dumps(facts), utcnow(), pro.id),
-    )
+    async with services.db.transaction() as tx:
+        row = await tx.fetchone("SELECT facts FROM haos_flows WHERE instance_id = ?", (pro.id,))
+        current = json.loads(row["facts"] or "{}") if row else {}
+        current["mqtt_users"] = managed
+        await tx.execute(
+            "UPDATE haos_flows SET facts = ?, updated_at = ? WHERE instance_id = ?",
+            (dumps(current), utcnow(), pro.id),
+        )
     _LOGGER.info("instance %s: %d MQTT login(s) in sync", pro.id, len(managed))
+
+
+def _made_by_us(user: Mapping[str, Any], username: str, *, bare: bool = False) -> bool:
+    """A user as :func:`sync_mqtt_logins` makes them: named after its login, local only, in
+    ``system-users``, not the owner (``bare``: and still without credentials). Such a user
+    without a record is one a stopped sync made; it is adopted."""
+    shape = (
+        user.get("name") == username
+        and bool(user.get("local_only"))
+        and list(user.get("group_ids") or []) == [MQTT_GROUP]
+        and not user.get("is_owner")
+        and not user.get("system_generated")
+    )
+    if bare:
+        return shape and not user.get("credentials")
+    return shape and user.get("username") == username
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,7 +849,7 @@ class HaosHandler(VmHandler):
     ) -> dict[str, Any]:
         """The flow, with its own time budgets (``CTRLABLE_HAOS_*_TIMEOUT``): a HAOS first boot
         plus a restore takes far longer than an LXC's first-boot callback."""
-        return await HaosFlow(self.services, instance).run()
+        return await HaosFlow(self.services, instance, self._sync_lock).run()
 
     async def cleanup(self, plane: DeployPlane, instance: Instance) -> None:
         """Rollback/removal: the VM and its HA go away, so do its credentials."""

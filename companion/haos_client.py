@@ -291,6 +291,14 @@ class HaClient:
             raise HaError("config flow: not an object")
         return body
 
+    async def abort_flow(self, flow_id: str, token: str) -> None:
+        """Abort a config flow in progress (gone already is fine)."""
+        try:
+            await self.request("DELETE", f"/api/config/config_entries/flow/{flow_id}", token=token)
+        except HaError as err:
+            if err.status != 404:
+                raise
+
     async def flow_step(self, flow_id: str, data: dict[str, Any], token: str) -> dict[str, Any]:
         body = await self.request(
             "POST", f"/api/config/config_entries/flow/{flow_id}", token=token, json_body=data

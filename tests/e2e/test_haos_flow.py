@@ -27,7 +27,7 @@ from aiohttp import web
 from homeassistant.const import __version__ as HA_VERSION
 
 from companion.app import build_services, create_app
-from companion.haos import inspect_base_backup, make_base_backup, secret_name
+from companion.haos import HaosFlow, inspect_base_backup, make_base_backup, secret_name
 from companion.services import Services
 from companion.settings import Settings
 from companion.sim import CTRLABLE_ROLE, DEFAULT_TEMPLATES, SimConfig, Simulator, run_simulator
@@ -208,9 +208,21 @@ async def flow_step(services: Services, instance_id: int) -> str | None:
 
 
 async def test_haos_flow_against_real_hass(
-    tmp_path: Path, hass: HassProcess, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    hass: HassProcess,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO)
+    # The first companion stops while at core_config (after the owner, the login and the
+    # refresh token): the step is held until the companion goes down.
+    held = asyncio.Event()
+
+    async def hold(flow: HaosFlow) -> None:
+        held.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(HaosFlow, "_step_core_config", hold)
     base = make_base(tmp_path, hass.port)
     assert inspect_base_backup(base).slug == "c7ab1e06"
     async with simulator() as sim, aiohttp.ClientSession() as session:
@@ -232,7 +244,9 @@ async def test_haos_flow_against_real_hass(
                 150,
                 "the flow reaching core_config",
             )
+            await asyncio.wait_for(held.wait(), 30)
             await companion.stop()
+            monkeypatch.undo()
             companion = await start_companion(settings)
             services = companion.services
 
