@@ -15,6 +15,15 @@ from .coordinator import CtrlableConfigEntry
 TO_REDACT = {CONF_API_TOKEN, CONF_URL, "mac", "token", "secret", "password"}
 
 
+def _plain(value: Any) -> Any:
+    """Dataclass output with tuples as lists, so that redaction reaches into them."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
 async def async_get_config_entry_diagnostics(
     hass: HomeAssistant, entry: CtrlableConfigEntry
 ) -> dict[str, Any]:
@@ -28,5 +37,5 @@ async def async_get_config_entry_diagnostics(
             "last_event_id": runtime.event_stream.last_event_id,
             "reconnects": runtime.event_stream.reconnects,
         },
-        "overview": async_redact_data(asdict(coordinator.data), TO_REDACT),
+        "overview": async_redact_data(_plain(asdict(coordinator.data)), TO_REDACT),
     }
