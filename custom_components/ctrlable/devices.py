@@ -7,7 +7,13 @@ from homeassistant.helpers import device_registry as dr
 
 from .const import DOMAIN
 from .coordinator import CtrlableConfigEntry
-from .entity import guest_identifier, node_identifier, project_identifier
+from .entity import (
+    companion_device_info,
+    guest_identifier,
+    node_device_info,
+    node_identifier,
+    project_identifier,
+)
 
 
 def current_identifiers(entry: CtrlableConfigEntry) -> set[str]:
@@ -33,16 +39,26 @@ def is_current(entry: CtrlableConfigEntry, device: dr.DeviceEntry) -> bool:
 
 @callback
 def async_sync_devices(hass: HomeAssistant, entry: CtrlableConfigEntry) -> None:
-    """Remove devices that vanished; follow guest renames and migrations to another node."""
+    """Create the companion and node devices (the parents of every other device) first, remove
+    devices that vanished, and follow guest renames and migrations to another node."""
     coordinator = entry.runtime_data.coordinator
-    if not coordinator.last_update_success or not coordinator.inventory_complete:
+    if not coordinator.last_update_success:
         return
     registry = dr.async_get(hass)
+    site_id = coordinator.site_id
+    registry.async_get_or_create(
+        config_entry_id=entry.entry_id, **companion_device_info(coordinator)
+    )
+    for name in (item.node for item in coordinator.data.nodes):
+        registry.async_get_or_create(
+            config_entry_id=entry.entry_id, **node_device_info(site_id, name)
+        )
+    if not coordinator.inventory_complete:
+        return
     wanted = current_identifiers(entry)
     for device in dr.async_entries_for_config_entry(registry, entry.entry_id):
         if not any(domain == DOMAIN and ident in wanted for domain, ident in device.identifiers):
             registry.async_update_device(device.id, remove_config_entry_id=entry.entry_id)
-    site_id = coordinator.site_id
     for guest in coordinator.exposed_guests():
         guest_device = registry.async_get_device({(DOMAIN, guest_identifier(site_id, guest.vmid))})
         if guest_device is None:

@@ -38,6 +38,31 @@ def instance_key(site_id: str, instance_id: int) -> str:
     return f"{site_id}_instance_{instance_id}"
 
 
+def companion_device_info(coordinator: CtrlableDataUpdateCoordinator) -> DeviceInfo:
+    """Device of the companion itself (a service)."""
+    companion = coordinator.data.companion
+    return DeviceInfo(
+        identifiers={(DOMAIN, coordinator.site_id)},
+        name=companion.name,
+        manufacturer=MANUFACTURER,
+        model="Provisioner companion",
+        sw_version=companion.version,
+        entry_type=DeviceEntryType.SERVICE,
+        configuration_url=coordinator.client.url,
+    )
+
+
+def node_device_info(site_id: str, node: str) -> DeviceInfo:
+    """Device of a Proxmox VE node, attached to the companion."""
+    return DeviceInfo(
+        identifiers={(DOMAIN, node_identifier(site_id, node))},
+        name=node,
+        manufacturer="Proxmox",
+        model="Proxmox VE node",
+        via_device=(DOMAIN, site_id),
+    )
+
+
 def guest_device_info(site_id: str, guest: Guest) -> DeviceInfo:
     """Device of a guest, attached to its node."""
     return DeviceInfo(
@@ -98,18 +123,8 @@ class CtrlableCompanionEntity(CtrlableEntity):
         self, coordinator: CtrlableDataUpdateCoordinator, description: EntityDescription
     ) -> None:
         """Attach to the companion device."""
-        site_id = coordinator.site_id
-        super().__init__(coordinator, description, site_id)
-        companion = coordinator.data.companion
-        self._attr_device_info = DeviceInfo(
-            identifiers={(DOMAIN, site_id)},
-            name=companion.name,
-            manufacturer=MANUFACTURER,
-            model="Provisioner companion",
-            sw_version=companion.version,
-            entry_type=DeviceEntryType.SERVICE,
-            configuration_url=coordinator.client.url,
-        )
+        super().__init__(coordinator, description, coordinator.site_id)
+        self._attr_device_info = companion_device_info(coordinator)
 
 
 class CtrlableNodeEntity(CtrlableEntity):
@@ -125,13 +140,7 @@ class CtrlableNodeEntity(CtrlableEntity):
         site_id = coordinator.site_id
         super().__init__(coordinator, description, node_identifier(site_id, node))
         self.node_name = node
-        self._attr_device_info = DeviceInfo(
-            identifiers={(DOMAIN, node_identifier(site_id, node))},
-            name=node,
-            manufacturer="Proxmox",
-            model="Proxmox VE node",
-            via_device=(DOMAIN, site_id),
-        )
+        self._attr_device_info = node_device_info(site_id, node)
 
     @property
     def node(self) -> Node | None:

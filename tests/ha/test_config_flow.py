@@ -394,6 +394,8 @@ async def test_options_flow(
         result["flow_id"], {CONF_SCAN_INTERVAL: 60, CONF_EXPOSED_GUESTS: ["101", "102", "200"]}
     )
     assert entry.options[CONF_EXCLUDED_GUESTS] == ["555"]
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
 
 
 async def test_options_flow_not_loaded(

@@ -7,7 +7,7 @@ from typing import Any
 from unittest.mock import MagicMock
 
 import pytest
-from ha_common import TOKEN, URL, EventFeed, load_json
+from ha_common import EventFeed, load_json
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
@@ -262,21 +262,14 @@ async def test_entry_selection(
 ) -> None:
     """Without config_entry_id exactly one loaded entry is needed; a named one must be loaded."""
     data = {"project": "p", "type": "zwavejs", "hostname": "z-1"}
-    other = MockConfigEntry(
-        domain=DOMAIN,
-        title="Other",
-        unique_id="site-1",
-        data={"url": URL, "api_token": TOKEN},
-    )
+    other = MockConfigEntry(domain=DOMAIN, title="Other", unique_id="site-2")
     other.add_to_hass(hass)
-    await hass.config_entries.async_setup(other.entry_id)
-    await hass.async_block_till_done()
-    assert other.state is ConfigEntryState.LOADED
+    other.mock_state(hass, ConfigEntryState.LOADED)
     with pytest.raises(ServiceValidationError) as info:
         await _call(hass, "deploy_instance", data)
     assert info.value.translation_key == "multiple_entries"
 
-    await hass.config_entries.async_unload(other.entry_id)
+    other.mock_state(hass, ConfigEntryState.SETUP_RETRY)
     await hass.config_entries.async_unload(init_integration.entry_id)
     with pytest.raises(ServiceValidationError) as info:
         await _call(hass, "deploy_instance", data)
@@ -284,6 +277,7 @@ async def test_entry_selection(
     with pytest.raises(ServiceValidationError) as info:
         await _call(hass, "deploy_instance", {**data, "config_entry_id": other.entry_id})
     assert info.value.translation_key == "entry_not_loaded"
+    mock_client.create_instance.assert_not_awaited()
 
 
 @pytest.mark.parametrize(
