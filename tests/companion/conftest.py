@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosqlite.core
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -17,6 +18,37 @@ from companion.services import SERVICES, Services
 from companion.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Every aiosqlite connection a test opens; one left open keeps a non-daemon thread alive, and
+# the test run would never exit. The autouse fixture below fails the test that leaks one.
+_OPENED: list[aiosqlite.core.Connection] = []
+_original_init = aiosqlite.core.Connection.__init__
+
+
+def _recording_init(self: aiosqlite.core.Connection, *args: Any, **kwargs: Any) -> None:
+    _original_init(self, *args, **kwargs)
+    _OPENED.append(self)
+
+
+aiosqlite.core.Connection.__init__ = _recording_init  # type: ignore[method-assign]
+
+
+def _stop(conn: aiosqlite.core.Connection) -> None:
+    """End a leaked connection's worker thread (what close() would have done)."""
+    conn._tx.put_nowait((None, lambda: aiosqlite.core._STOP_RUNNING_SENTINEL))
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_db_connections() -> Any:
+    start = len(_OPENED)
+    yield
+    leaked = [c for c in _OPENED[start:] if c._thread.is_alive() and c._connection is not None]
+    for conn in leaked:
+        _stop(conn)
+    del _OPENED[start:]
+    assert not leaked, f"{len(leaked)} aiosqlite connection(s) left open by this test"
+
+
 API_TOKEN = "test-api-token-0123456789"
 FIRSTBOOT_SECRET = "test-firstboot-secret-0123456789"
 
@@ -66,6 +98,7 @@ class Companion:
 async def companion_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start companions with chosen settings and an optional services hook; all stop at the end."""
     started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+    built: list[Services] = []
 
     async def start(
         settings: Settings | None = None,
@@ -73,6 +106,8 @@ async def companion_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]
     ) -> Companion:
         settings = settings or make_settings(tmp_path)
         services = await build_services(settings) if configure is not None else None
+        if services is not None:
+            built.append(services)
         if services is not None and configure is not None:
             result = configure(services)
             if hasattr(result, "__await__"):
@@ -88,6 +123,8 @@ async def companion_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]
     for server, session in reversed(started):
         await session.close()
         await server.close()
+    for services in built:  # services built here are closed here (create_app leaves them open)
+        await services.db.close()
 
 
 @pytest.fixture
