@@ -621,9 +621,19 @@ class TaskPolicy:
     max_poll: float = 2.0
     timeout: float = 900.0
     missing_grace: float = 3.0  # a fresh UPID may answer 400 "no such task" this long
+    settle: float = 0.05  # past a learned duration: poll every this fraction of it
 
-    def next_poll(self, waited: float) -> float:
-        return min(self.max_poll, max(self.first_poll, waited * self.growth))
+    def next_poll(self, waited: float, expected: float | None = None) -> float:
+        """The pause before the next poll. With ``expected`` (what this kind of task took
+        last time) the first poll comes when the task should be done (never later than
+        ``max_poll``), then every ``settle`` of it, growing again if it runs long: one or two
+        polls per task instead of dozens, each a PVE request."""
+        if expected is None or expected <= 0:
+            return min(self.max_poll, max(self.first_poll, waited * self.growth))
+        if waited < expected:
+            return min(self.max_poll, max(self.first_poll, expected - waited))
+        overtime = (waited - expected) * self.growth
+        return min(self.max_poll, max(self.first_poll, expected * self.settle, overtime))
 
 
 # --------------------------------------------------------------------------------------------
@@ -831,6 +841,7 @@ class ProxmoxClient:
         self._transport = _Transport(connection)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pve")
         self._clone_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._durations: dict[str, float] = {}  # learned task durations (see wait_task)
         self._problems: dict[tuple[str, str | None, str | None], dict[str, Any]] = {}
         self._problem_origins: dict[tuple[str, str | None, str | None], set[str]] = {}
         self._closed = False
@@ -975,31 +986,53 @@ class ProxmoxClient:
         ``PveTaskFailed`` with the log's last lines. A UPID PVE does not know yet (400 ``no
         such task``) is polled again for ``missing_grace`` seconds."""
         try:
-            node = parse_upid(upid).node
+            parsed = parse_upid(upid)
         except ValueError as err:
             raise ProxmoxError(f"Proxmox returned {upid!r} instead of a task id") from err
+        node = parsed.node
         limit = self.tasks.timeout if timeout is None else timeout
+        # Tasks of one type (and id: a clone's source) take about as long each time: poll when
+        # the last one was done instead of on a fixed schedule.
+        keys = (f"{parsed.type}:{parsed.id}", parsed.type)
+        expected = next((self._durations[k] for k in keys if k in self._durations), None)
+        running_seen = False
         started = time.monotonic()
         path = f"nodes/{node}/tasks/{upid}/status"
         while True:
             waited = time.monotonic() - started
-            await asyncio.sleep(self.tasks.next_poll(waited))
+            await asyncio.sleep(self.tasks.next_poll(waited, expected))
             waited = time.monotonic() - started
             try:
                 status = await self.request("GET", path)
             except PveInvalidParameter as err:
-                if "no such task" in err.errors.get("upid", "") and (
-                    waited < self.tasks.missing_grace
-                ):
+                unknown = "no such task" in err.errors.get("upid", "") or (
+                    "no such task" in err.message
+                )
+                if unknown and waited < self.tasks.missing_grace:
                     continue
                 raise
             if isinstance(status, Mapping) and status.get("status") == "stopped":
                 exitstatus = str(status.get("exitstatus") or "unexpected status")
                 if task_succeeded(exitstatus):
+                    self._learn(keys, expected, waited, running_seen)
                     return TaskResult(upid, exitstatus)
                 raise PveTaskFailed(upid, exitstatus, await self.task_log_tail(upid))
+            running_seen = True
             if waited >= limit:
                 raise PveTaskTimeout(upid, waited, await self.task_log_tail(upid))
+
+    def _learn(
+        self, keys: tuple[str, ...], expected: float | None, waited: float, running_seen: bool
+    ) -> None:
+        """Remember how long a successful task took: the time it was seen stopped (an upper
+        bound); if the first poll found it done already, creep 5 % lower so a task that got
+        faster is noticed."""
+        if expected is not None and not running_seen:
+            value = min(expected, waited) * 0.95
+        else:
+            value = waited
+        for key in keys:
+            self._durations[key] = value
 
     async def task_log_tail(self, upid: str, lines: int = LOG_TAIL_LINES) -> list[str]:
         """The task log's last ``lines`` lines (best effort: [] if the log cannot be read)."""
