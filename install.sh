@@ -15,7 +15,11 @@ readonly E_ACCESS=8 E_CT=9 E_COMPANION=10 E_HOST=11 E_TOOLS=12
 
 # PVE access (docs: shared reference proxmox-api.md section 8)
 readonly ROLE="CtrlableProvisioner"
-readonly PRIVS="VM.Audit VM.Clone VM.Allocate VM.Config.Network VM.Config.Options VM.PowerMgmt Datastore.AllocateSpace Datastore.Audit Sys.Audit SDN.Use"
+readonly BASE_PRIVS="VM.Audit VM.Clone VM.Allocate VM.Config.Network VM.Config.Options VM.PowerMgmt Datastore.AllocateSpace Datastore.Audit Sys.Audit SDN.Use"
+# Plus the guest-agent read the HAOS flow needs to find the ctrlable-pro VM's address: PVE 8 checks
+# VM.Monitor for agent calls; PVE 9 removed VM.Monitor and checks VM.GuestAgent.Audit instead.
+# Set by check_pve_version.
+PRIVS="$BASE_PRIVS"
 readonly PVE_USER="ctrlable@pve"
 readonly TOKEN_NAME="provisioner"
 readonly TOKEN_ID="${PVE_USER}!${TOKEN_NAME}"
@@ -412,6 +416,11 @@ check_pve_version() {
   PVE_VERSION="$major.$minor${BASH_REMATCH[3]}"
   if ((major < MIN_PVE_MAJOR || (major == MIN_PVE_MAJOR && minor < MIN_PVE_MINOR))); then
     die "$E_PVE" "Proxmox VE $PVE_VERSION is too old: $MIN_PVE_MAJOR.$MIN_PVE_MINOR or newer is required (upgrade the host first)"
+  fi
+  if ((major >= 9)); then
+    PRIVS="$BASE_PRIVS VM.GuestAgent.Audit"
+  else
+    PRIVS="$BASE_PRIVS VM.Monitor"
   fi
   note "Proxmox VE $PVE_VERSION"
 }

@@ -33,10 +33,11 @@ from companion.settings import Settings, read_env_file
 REPO = Path(__file__).resolve().parents[2]
 FAKES = Path(__file__).resolve().parent / "fakes" / "pve"
 
-# proxmox-api.md section 8: exactly these privileges, on a role, for the user and the token.
+# proxmox-api.md section 8: exactly these privileges, on a role, for the user and the token,
+# plus the guest-agent read of the HAOS flow (VM.Monitor on the fakes' PVE 8.3).
 PRIVS = (
     "VM.Audit VM.Clone VM.Allocate VM.Config.Network VM.Config.Options VM.PowerMgmt "
-    "Datastore.AllocateSpace Datastore.Audit Sys.Audit SDN.Use"
+    "Datastore.AllocateSpace Datastore.Audit Sys.Audit SDN.Use VM.Monitor"
 )
 ROLE = "CtrlableProvisioner"
 USER = "ctrlable@pve"
@@ -940,3 +941,13 @@ def test_shellcheck_clean() -> None:
         ["shellcheck", str(REPO / "install.sh")], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_pve9_gets_the_guest_agent_privilege_instead_of_vm_monitor(host: Host) -> None:
+    host.ok(FAKE_PVE_VERSION="9.0.3")
+    privs = host.pve()["roles"][ROLE]["privs"]
+    assert "VM.GuestAgent.Audit" in privs
+    assert "VM.Monitor" not in privs  # PVE 9 removed it
+    assert sorted(p for p in privs if p != "VM.GuestAgent.Audit") == sorted(
+        PRIVS.replace(" VM.Monitor", "").split()
+    )

@@ -375,10 +375,19 @@ def cmd_qm(args: list[str], state: dict[str, Any]) -> int:
 # pveum
 
 
+def known_privileges() -> frozenset[str]:
+    """PVE 9 replaced VM.Monitor with finer guest-agent privileges."""
+    major = int(os.environ.get("FAKE_PVE_VERSION", "8.3.2").split(".")[0])
+    if major >= 9:
+        return (PRIVILEGES - {"VM.Monitor"}) | {"VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"}
+    return PRIVILEGES
+
+
 def check_privs(text: str) -> list[str]:
     privs = sorted({p for p in re.split(r"[ ,;]+", text) if p})
+    known = known_privileges()
     for priv in privs:
-        if priv not in PRIVILEGES:
+        if priv not in known:
             raise Fail(f"invalid privilege '{priv}'")
     return privs
 
