@@ -357,3 +357,14 @@ def test_policies() -> None:
     assert tasks.next_poll(0) == 0.04
     assert tasks.next_poll(5) == 0.5
     assert tasks.next_poll(600) == 2
+
+
+def test_poll_schedule_with_a_learned_duration() -> None:
+    tasks = TaskPolicy(first_poll=0.04, growth=0.1, max_poll=2, settle=0.05)
+    assert tasks.next_poll(0, 0.5) == 0.5  # first poll when the task should be done
+    assert tasks.next_poll(0.48, 0.5) == 0.04  # never more often than first_poll
+    assert tasks.next_poll(0, 30) == 2  # never later than max_poll
+    assert tasks.next_poll(1.0, 1.0) == 0.05  # past it: every settle fraction of it
+    assert tasks.next_poll(101, 1.0) == 2  # running long: growing again, capped
+    assert tasks.next_poll(0.0, None) == 0.04
+    assert tasks.next_poll(0.0, 0) == 0.04
