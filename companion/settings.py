@@ -160,6 +160,26 @@ class Settings(BaseModel):
             raise ValueError(msg)
         return value
 
+    @field_validator("pve_url")
+    @classmethod
+    def _check_pve_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname:
+            msg = "must be an https:// URL (PVE serves its API over TLS only)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("pve_fingerprint")
+    @classmethod
+    def _check_pve_fingerprint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digits = value.strip().replace(":", "").lower()
+        if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+            msg = "must be a SHA-256 certificate fingerprint: 64 hex digits, colons optional"
+            raise ValueError(msg)
+        return value.strip()
+
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str) -> str:

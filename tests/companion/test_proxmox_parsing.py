@@ -11,6 +11,7 @@ from companion.proxmox import (
     Connection,
     Guest,
     NodeStatus,
+    ProxmoxClient,
     ProxmoxError,
     PveAlreadyExists,
     PveAlreadyRunning,
@@ -368,3 +369,15 @@ def test_poll_schedule_with_a_learned_duration() -> None:
     assert tasks.next_poll(101, 1.0) == 2  # running long: growing again, capped
     assert tasks.next_poll(0.0, None) == 0.04
     assert tasks.next_poll(0.0, 0) == 0.04
+
+
+def test_settings_reject_a_bad_pin_or_a_plain_http_url() -> None:
+    from companion.settings import Settings, SettingsError
+
+    base = {"CTRLABLE_API_TOKEN": "t"}
+    with pytest.raises(SettingsError, match="CTRLABLE_PVE_FINGERPRINT: .*SHA-256"):
+        Settings.from_mapping({**base, "CTRLABLE_PVE_FINGERPRINT": "AB:CD"})
+    with pytest.raises(SettingsError, match="CTRLABLE_PVE_URL: .*https"):
+        Settings.from_mapping({**base, "CTRLABLE_PVE_URL": "http://pve:8006"})
+    pinned = Settings.from_mapping({**base, "CTRLABLE_PVE_FINGERPRINT": ":".join(["0A"] * 32)})
+    assert ProxmoxClient.from_settings(pinned).connection.fingerprint == "0a" * 32
