@@ -65,8 +65,13 @@ UNDO_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 UNDO_RETRY_EVERY = 60.0
 #: Clones that find their VMID taken by someone else's guest get a fresh VMID this often.
 VMID_ATTEMPTS = 3
+#: Allocations this close together (a stack) count up from the last one instead of asking
+#: PVE each time; a clone that finds the id taken anyway allocates again from PVE.
+VMID_HINT_SECONDS = 5.0
 
 PENDING_STEPS = ("resolve_template", "allocate_vmid")
+#: the changes that make an ``instance.state`` event (a step alone does not)
+PUBLISHED = frozenset({"state", "error", "needs_binding"})
 
 
 def check_hostname(value: str) -> str:
@@ -398,6 +403,7 @@ class DeployPlane:
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._alloc_lock = asyncio.Lock()
         self._reallocations: dict[int, int] = {}
+        self._vmid_hint: tuple[int, float] | None = None  # (next id to try, when it was set)
         self._stopping = False
 
     # -- component ------------------------------------------------------------------------
@@ -778,8 +784,9 @@ class DeployPlane:
         **changes: Any,
     ) -> Instance:
         """Compare-and-set: apply ``changes`` if the instance is still in one of ``expect``
-        (and, with ``check_step``, at its known step); publish the new record. Raises
-        ``_Superseded`` when something else changed the instance first."""
+        (and, with ``check_step``, at its known step). A change of state, error or binding is
+        published as ``instance.state`` in the same commit; a step alone is not (it is in the
+        record). Raises ``_Superseded`` when something else changed the instance first."""
         now = utcnow()
         values = {**changes, "updated_at": now}
         sets = ", ".join(f"{k} = ?" for k in values)
@@ -790,14 +797,18 @@ class DeployPlane:
         if check_step:
             sql += " AND step IS ?"
             params.append(instance.step)
-        async with self.db.transaction() as tx:
-            count = await tx.rowcount(sql, params)
-        if count != 1:
-            raise _Superseded
         if "needs_binding" in changes:
             changes["needs_binding"] = bool(changes["needs_binding"])
         new = replace(instance, **changes, updated_at=now)
-        await self._publish(new)
+        event = None
+        async with self.db.transaction() as tx:
+            if await tx.rowcount(sql, params) != 1:
+                raise _Superseded
+            if PUBLISHED.intersection(changes):
+                event = await self.services.events.record(tx, "instance.state", new.as_dict())
+        if event is not None:
+            self.services.events.fanout(event)  # right after the commit: ids stay in order
+            self._notify()
         return new
 
     async def _advance(self, instance: Instance, **changes: Any) -> Instance:
@@ -808,6 +819,9 @@ class DeployPlane:
 
     async def _publish(self, instance: Instance) -> None:
         await self.services.events.publish("instance.state", instance.as_dict())
+        self._notify()
+
+    def _notify(self) -> None:
         platform = getattr(self.services, "platform", None)
         if platform is not None:
             try:
@@ -937,12 +951,18 @@ class DeployPlane:
             assert manifest is not None
             for template in manifest.templates.values():
                 reserved.update(template.vmid_range)
-        candidate = await pve.next_vmid()
-        if candidate not in reserved:
-            return candidate
-        used = {g.vmid for g in await pve.guests()}
-        while candidate in reserved or candidate in used:
-            candidate += 1
+        hint = self._vmid_hint
+        if hint is not None and time.monotonic() - hint[1] < VMID_HINT_SECONDS:
+            candidate = hint[0]
+            while candidate in reserved:
+                candidate += 1
+        else:
+            candidate = await pve.next_vmid()
+            if candidate in reserved:
+                used = {g.vmid for g in await pve.guests()}
+                while candidate in reserved or candidate in used:
+                    candidate += 1
+        self._vmid_hint = (candidate + 1, time.monotonic())
         return candidate
 
     async def _source(self, instance: Instance) -> tuple[str, int]:
@@ -1047,6 +1067,7 @@ class DeployPlane:
         count = self._reallocations[instance.id] = self._reallocations.get(instance.id, 0) + 1
         if count > VMID_ATTEMPTS:
             raise StepFailed(f"VMID {instance.vmid} was taken by another guest, {count} times")
+        self._vmid_hint = None  # ask PVE again
         _LOGGER.warning(
             "instance %s: VMID %s is taken by another guest; allocating again",
             instance.id,

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .state import Database, dumps, utcnow
+from .state import Database, Transaction, dumps, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,14 +38,24 @@ class EventBus:
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
 
     async def publish(self, type_: str, data: dict[str, Any]) -> Event:
-        ts = utcnow()
         async with self._db.transaction() as tx:
-            event_id = await tx.execute(
-                "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
-            )
-            if event_id % 500 == 0:
-                await tx.execute("DELETE FROM events WHERE id <= ?", (event_id - RETAIN_EVENTS,))
-        event = Event(event_id, ts, type_, data)
+            event = await self.record(tx, type_, data)
+        self.fanout(event)
+        return event
+
+    async def record(self, tx: Transaction, type_: str, data: dict[str, Any]) -> Event:
+        """Append an event inside the caller's write transaction (one commit for a state change
+        and its event); call :meth:`fanout` with it once the transaction has committed."""
+        ts = utcnow()
+        event_id = await tx.execute(
+            "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
+        )
+        if event_id % 500 == 0:
+            await tx.execute("DELETE FROM events WHERE id <= ?", (event_id - RETAIN_EVENTS,))
+        return Event(event_id, ts, type_, data)
+
+    def fanout(self, event: Event) -> None:
+        """Hand a committed event to the live subscribers."""
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
@@ -55,7 +65,6 @@ class EventBus:
                 while not queue.empty():
                     queue.get_nowait()
                 queue.put_nowait(None)  # ends that stream; the client resumes with ?since=
-        return event
 
     async def since(self, last_id: int, limit: int = 1000) -> list[Event]:
         rows = await self._db.fetchall(
