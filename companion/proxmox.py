@@ -1149,13 +1149,15 @@ class ProxmoxClient:
         return dict(result) if isinstance(result, Mapping) else {}
 
     async def agent_interfaces(self, node: str, vmid: int) -> list[dict[str, Any]]:
-        """The QEMU guest agent's network interfaces; [] while the agent is not answering yet."""
+        """The QEMU guest agent's network interfaces; [] while PVE answers that the agent is not
+        running (yet). A VM that is not running raises ``PveNotRunning``; a VM without an agent
+        configured raises ``ProxmoxError``."""
         try:
             result = await self.request(
                 "GET", f"nodes/{node}/qemu/{vmid}/agent/network-get-interfaces", retry=False
             )
         except ProxmoxError as err:
-            if err.status_code == 500 and "agent" in err.message.lower():
+            if err.status_code == 500 and "agent is not running" in err.message:
                 return []
             raise
         items = result.get("result") if isinstance(result, Mapping) else result

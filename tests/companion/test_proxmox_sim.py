@@ -11,6 +11,7 @@ import pytest
 from companion.proxmox import (
     Connection,
     ProxmoxClient,
+    ProxmoxError,
     PveAlreadyExists,
     PveAuthError,
     PveLocked,
@@ -341,6 +342,30 @@ async def test_config_roundtrip_sends_booleans_as_ints(sim: Simulator, pve: Prox
     config = await pve.guest_config("lxc", "pve", 191)
     assert str(config["onboot"]) == "1"
     assert config["description"].strip() == "hello"
+
+
+async def test_agent_interfaces(sim: Simulator, make_client: ClientFactory) -> None:
+    # PVE 8 checks VM.Monitor for guest agent calls (not in the least-privilege role).
+    plain = make_client()
+    sim.state.add_guest("qemu", 194, "pve", "x", running=True).config["agent"] = "1"
+    with pytest.raises(PvePermissionDenied) as caught:
+        await plain.agent_interfaces("pve", 194)
+    assert caught.value.privilege == "VM.Monitor"
+    token = sim.add_token("ctrlable@pve", "agent", CTRLABLE_ROLE | {"VM.Monitor"})
+    pve = make_client(token_id=token.full_id, secret=token.secret)
+    vm = sim.state.add_guest("qemu", 195, "pve", "haos", running=True)
+    vm.config["agent"] = "1"
+    vm.agent_running = False
+    assert await pve.agent_interfaces("pve", 195) == []  # not answering yet: poll again
+    vm.agent_running = True
+    names = [i["name"] for i in await pve.agent_interfaces("pve", 195)]
+    assert "enp6s18" in names
+    vm.set_status("stopped")
+    with pytest.raises(PveNotRunning):
+        await pve.agent_interfaces("pve", 195)
+    sim.state.add_guest("qemu", 196, "pve", "no-agent", running=True).config["agent"] = "0"
+    with pytest.raises(ProxmoxError, match="No QEMU guest agent configured"):
+        await pve.agent_interfaces("pve", 196)
 
 
 # -- clone ------------------------------------------------------------------------------------
