@@ -77,7 +77,7 @@ def start_sim(
         "--seed",
         "1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)  # noqa: S603
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -104,12 +104,22 @@ def start_companion(
         "CTRLABLE_FIRSTBOOT_RATE_IP": "10000",
     }
     log = (workdir / "companion.log").open("wb")
-    return subprocess.Popen(  # noqa: S603
+    return subprocess.Popen(
         [sys.executable, "-m", "companion", "serve"],
         env=env,
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
+    )
+
+
+def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy (``pip install py-spy``) sampling every thread of the companion."""
+    cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "--pid", str(pid)]
+    return subprocess.Popen(
+        [*cmd, "--output", str(output.resolve())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -249,12 +259,7 @@ async def run(args: argparse.Namespace) -> int:
                 if args.profile and n == min(1, args.rounds - 1):
                     # py-spy (pip install py-spy) samples every thread of the companion, from
                     # the first warm round on
-                    profiler = subprocess.Popen(  # noqa: S603
-                        ["py-spy", "record", "--format", "raw", "--rate", "250", "--pid"]
-                        + [str(companion.pid), "--output", str(args.profile.resolve())],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                    profiler = start_profiler(companion.pid, args.profile)
                 await asyncio.sleep(1.0)  # let the previous round's background work settle
                 cpu0, t0 = cpu_seconds(companion.pid), time.monotonic()
                 ids = await bench.deploy(f"bench-{n}", types)
