@@ -177,3 +177,41 @@ async def test_deploy_a_full_lxc_stack_in_parallel(
     assert status == 200
     assert {i["state"] for i in listed["instances"]} == {"active"}
     assert set(sim_guests(sim)) == set(vmids)
+
+
+async def test_overrides_reach_the_clone_config_and_keep_the_mac(
+    sim: Simulator, companion_factory: Factory, tmp_path: Path
+) -> None:
+    companion = await start_companion(companion_factory, tmp_path, sim)
+    status, created = await companion.request(
+        "POST",
+        "/api/v1/instances",
+        json={
+            "project": "p",
+            "type": "frigate",
+            "hostname": "cams",
+            "overrides": {
+                "onboot": False,
+                "ip": "192.168.1.20/24",
+                "gw": "192.168.1.1",
+                "vlan": 30,
+                "mqtt_server": "mqtt://broker.lan:1883",
+            },
+        },
+    )
+    assert status == 202, created
+    waiting = await wait_for(companion, created["id"], state_is("awaiting_firstboot", "failed"))
+    assert waiting["state"] == "awaiting_firstboot", waiting
+    config = guest_config(sim, waiting["vmid"])
+    net = dict(part.split("=", 1) for part in config["net0"].split(","))
+    assert net["hwaddr"] == waiting["mac"]
+    assert net["ip"] == "192.168.1.20/24"
+    assert net["gw"] == "192.168.1.1"
+    assert net["tag"] == "30"
+    assert str(config.get("onboot", "0")) == "0"
+    # the wiring key went to the assignment, not to PVE
+    row = await companion.services.db.fetchone(
+        "SELECT overrides FROM instances WHERE id = ?", (created["id"],)
+    )
+    assert row is not None
+    assert '"mqtt_server":"mqtt://broker.lan:1883"' in row["overrides"]
