@@ -31,7 +31,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,7 +69,6 @@ VMID_ATTEMPTS = 3
 #: PVE each time; a clone that finds the id taken anyway allocates again from PVE.
 VMID_HINT_SECONDS = 5.0
 
-PENDING_STEPS = ("resolve_template", "allocate_vmid")
 #: the changes that make an ``instance.state`` event (a step alone does not)
 PUBLISHED = frozenset({"state", "error", "needs_binding"})
 
@@ -831,7 +830,10 @@ class DeployPlane:
 
     # -- tasks ----------------------------------------------------------------------------
 
-    def _spawn(self, instance_id: int, coro: Awaitable[None]) -> None:
+    def _spawn(self, instance_id: int, coro: Coroutine[Any, Any, None]) -> None:
+        if self._stopping:
+            coro.close()  # shutting down: the record stays where it is for the next start
+            return
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks[instance_id] = task
 
