@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from companion.proxmox import Connection, ProxmoxClient
+from companion.proxmox import Connection, Kind, ProxmoxClient
 from companion.sim import SimConfig, ThreadedSimulator, run_simulator_in_thread
 
 GUEST_COUNTS = (10, 100, 500)
@@ -43,7 +43,7 @@ def _populate(threaded: ThreadedSimulator, nodes: int, guests: int) -> None:
             if name not in state.nodes:
                 state.add_node(name)
         for i in range(guests):
-            kind = "lxc" if i % 3 else "qemu"
+            kind: Kind = "lxc" if i % 3 else "qemu"
             state.add_guest(kind, 1000 + i, names[i % nodes], f"g{i}", running=i % 2 == 0)
 
     threaded.call(fill)
@@ -101,7 +101,7 @@ async def task_latency(seconds: float) -> tuple[list[float], list[float], float]
                 for action in ("start", "stop"):
                     before = set(times)
                     began = time.monotonic()
-                    await pve.power("lxc", "pve", 500, action)  # type: ignore[arg-type]
+                    await pve.power("lxc", "pve", 500, action)
                     wall = time.monotonic() - began
                     (upid,) = set(times) - before
                     task_start, task_end = times[upid]
