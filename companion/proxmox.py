@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from .errors import ApiError
+from .pve_http import PveHttpAdapter
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -637,25 +637,9 @@ class TaskPolicy:
 
 
 # --------------------------------------------------------------------------------------------
-# Transport: proxmoxer in worker threads, one client per thread.
+# Transport: proxmoxer in worker threads, one client (and one keep-alive connection, see
+# pve_http.py) per thread.
 # --------------------------------------------------------------------------------------------
-
-
-class _PinnedAdapter(HTTPAdapter):
-    """Accepts exactly the certificate whose SHA-256 fingerprint was pinned (urllib3 checks the
-    peer's DER certificate after the handshake and aborts on a mismatch: fails closed)."""
-
-    def __init__(self, fingerprint: str) -> None:
-        self._fingerprint = fingerprint
-        super().__init__()
-
-    def init_poolmanager(
-        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
-    ) -> None:
-        pool_kwargs["assert_fingerprint"] = self._fingerprint
-        super().init_poolmanager(  # type: ignore[no-untyped-call]
-            connections, maxsize, block, **pool_kwargs
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,12 +715,14 @@ class Connection:
             backend="https",
             service="PVE",
         )
-        if self.fingerprint:
-            session = api._store.get("session")  # proxmoxer keeps its requests session here
-            if not isinstance(session, requests.Session):
-                msg = "proxmoxer's session is not reachable; cannot pin the certificate"
-                raise RuntimeError(msg)
-            session.mount("https://", _PinnedAdapter(self.fingerprint))
+        session = api._store.get("session")  # proxmoxer keeps its requests session here
+        if not isinstance(session, requests.Session):
+            msg = "proxmoxer's session is not reachable; cannot configure it"
+            raise RuntimeError(msg)
+        # PVE is reached directly: no proxy or .netrc from the environment (and no per-request
+        # scan of os.environ for them).
+        session.trust_env = False
+        session.mount("https://", PveHttpAdapter(fingerprint=self.fingerprint))
         return api
 
 

@@ -230,15 +230,16 @@ class Database:
                     raise
         return target
 
+    # Every read is ONE trip to aiosqlite's thread (execute_fetchall runs the statement to
+    # its end there), every write statement one more: each trip costs a thread wake-up on
+    # both sides, which is most of what a small query costs.
+
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        async with self._conn.execute(sql, params) as cursor:
-            row = await cursor.fetchone()
-        return dict(row) if row is not None else None
+        """The first row; for queries of one row (by key, an aggregate, or ``LIMIT 1``)."""
+        return await _fetchone(self._conn, sql, params)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        async with self._conn.execute(sql, params) as cursor:
-            rows = await cursor.fetchall()
-        return [dict(r) for r in rows]
+        return await _fetchall(self._conn, sql, params)
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one write statement in its own transaction; returns lastrowid."""
@@ -297,22 +298,30 @@ class Transaction:
         self._conn = conn
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        async with self._conn.execute(sql, params) as cursor:
-            return int(cursor.lastrowid or 0)
+        # A write statement is done when execute returns; its cursor needs no closing trip.
+        cursor = await self._conn.execute(sql, params)
+        return int(cursor.lastrowid or 0)
 
     async def rowcount(self, sql: str, params: Sequence[Any] = ()) -> int:
-        async with self._conn.execute(sql, params) as cursor:
-            return int(cursor.rowcount)
+        cursor = await self._conn.execute(sql, params)
+        return int(cursor.rowcount)
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        async with self._conn.execute(sql, params) as cursor:
-            row = await cursor.fetchone()
-        return dict(row) if row is not None else None
+        return await _fetchone(self._conn, sql, params)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        async with self._conn.execute(sql, params) as cursor:
-            rows = await cursor.fetchall()
-        return [dict(r) for r in rows]
+        return await _fetchall(self._conn, sql, params)
+
+
+async def _fetchone(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> Row | None:
+    rows = await conn.execute_fetchall(sql, params)
+    for row in rows:
+        return dict(row)
+    return None
+
+
+async def _fetchall(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Row]:
+    return [dict(r) for r in await conn.execute_fetchall(sql, params)]
 
 
 def _split_sql(script: str) -> list[str]:
