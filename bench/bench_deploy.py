@@ -140,9 +140,7 @@ class Bench:
         self.base = base
         self.sim_control = sim["url"].split("/api2")[0] + "/_sim"
         self.sim_ssl = ssl.create_default_context(cafile=sim["ca_file"])
-        self.sim_headers = {
-            "Authorization": f"PVEAPIToken={sim['token_id']}={sim['token_secret']}"
-        }
+        self.sim_headers = {"Authorization": f"PVEAPIToken={sim['token_id']}={sim['token_secret']}"}
         self.headers = {"Authorization": f"Bearer {token}"}
         self.secret = secret
         self.boot = boot
@@ -173,9 +171,7 @@ class Bench:
         if clear:
             async with self.session.delete(url, **kwargs) as resp:
                 resp.raise_for_status()
-        return collections.Counter(
-f"{r['method']} {r['endpoint'] or r['path']}" for r in records
-        )
+        return collections.Counter(f"{r['method']} {r['endpoint'] or r['path']}" for r in records)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

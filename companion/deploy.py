@@ -799,15 +799,16 @@ class DeployPlane:
         if "needs_binding" in changes:
             changes["needs_binding"] = bool(changes["needs_binding"])
         new = replace(instance, **changes, updated_at=now)
-        event = None
+        if not PUBLISHED.intersection(changes):
+            if await self.db.rowcount(sql, params) != 1:  # one statement: its own transaction
+                raise _Superseded
+            return new
         async with self.db.transaction() as tx:
             if await tx.rowcount(sql, params) != 1:
                 raise _Superseded
-            if PUBLISHED.intersection(changes):
-                event = await self.services.events.record(tx, "instance.state", new.as_dict())
-        if event is not None:
-            self.services.events.fanout(event)  # right after the commit: ids stay in order
-            self._notify()
+            event = await self.services.events.record(tx, "instance.state", new.as_dict())
+        self.services.events.fanout(event)  # right after the commit: ids stay in order
+        self._notify()
         return new
 
     async def _advance(self, instance: Instance, **changes: Any) -> Instance:
@@ -1237,7 +1238,7 @@ def _free_hostname(base: str, used: Mapping[str, int]) -> str:
 def _age(stamp: str | None) -> float:
     if not stamp:
         return 0.0
-    then = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     return max(0.0, (datetime.now(UTC) - then).total_seconds())
 
 

@@ -38,8 +38,13 @@ class EventBus:
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
 
     async def publish(self, type_: str, data: dict[str, Any]) -> Event:
-        async with self._db.transaction() as tx:
-            event = await self.record(tx, type_, data)
+        """Append an event on its own (one INSERT) and hand it to the subscribers."""
+        ts = utcnow()
+        event_id = await self._db.execute(
+            "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
+        )
+        await self._prune(self._db, event_id)
+        event = Event(event_id, ts, type_, data)
         self.fanout(event)
         return event
 
@@ -50,9 +55,14 @@ class EventBus:
         event_id = await tx.execute(
             "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
         )
-        if event_id % 500 == 0:
-            await tx.execute("DELETE FROM events WHERE id <= ?", (event_id - RETAIN_EVENTS,))
+        await self._prune(tx, event_id)
         return Event(event_id, ts, type_, data)
+
+    @staticmethod
+    async def _prune(db: Database | Transaction, event_id: int) -> None:
+        """Every 500th event drops those older than the last ``RETAIN_EVENTS``."""
+        if event_id % 500 == 0:
+            await db.execute("DELETE FROM events WHERE id <= ?", (event_id - RETAIN_EVENTS,))
 
     def fanout(self, event: Event) -> None:
         """Hand a committed event to the live subscribers."""

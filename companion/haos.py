@@ -79,6 +79,10 @@ TOKEN_LIFESPAN_DAYS = 3650
 INTEGRATION_DOMAIN = "ctrlable"
 MQTT_GROUP = "system-users"
 POLL = 1.0
+#: Instance states whose event cannot change the broker logins: the assignment that holds an
+#: app's login is made after the ``starting`` event, so ``awaiting_firstboot`` is the first
+#: state with one (and ``rolling_back`` / ``failed`` / ``removed`` take it away).
+LOGINS_UNCHANGED = frozenset({"pending", "cloning", "starting"})
 #: What PVE 8.3 checks for ``agent/network-get-interfaces`` (pve-apidoc); PVE 9 renamed it
 #: ``VM.GuestAgent.Audit``.
 AGENT_PRIVILEGE = "VM.Monitor"
@@ -894,7 +898,11 @@ class HaosHandler(VmHandler):
                     event = await queue.get()
                     if event is None:
                         break
-                    if event.type == "instance.state" and event.data.get("type") != "ctrlable-pro":
+                    if (
+                        event.type == "instance.state"
+                        and event.data.get("type") != "ctrlable-pro"
+                        and event.data.get("state") not in LOGINS_UNCHANGED
+                    ):
                         try:
                             await self.sync_all(project=event.data.get("project"))
                         except Exception as err:  # the next change retries

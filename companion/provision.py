@@ -183,11 +183,12 @@ class ProvisionPlane:
             if any(r["hostname"] == host_n and r["mac"] == mac_n for r in live):
                 return
             now = utcnow()
-            await tx.execute(
-                "UPDATE assignments SET state = 'revoked' WHERE instance_id = ? "
-                "AND state IN ('pending', 'served')",
-                (instance_id,),
-            )
+            if live:
+                await tx.execute(
+                    "UPDATE assignments SET state = 'revoked' WHERE instance_id = ? "
+                    "AND state IN ('pending', 'served')",
+                    (instance_id,),
+                )
             await tx.execute(
                 "INSERT INTO assignments (instance_id, hostname, mac, payload, state, created_at) "
                 "VALUES (?, ?, ?, ?, 'pending', ?)",
@@ -269,12 +270,11 @@ class ProvisionPlane:
             await self._refused(instance_id, host_n, client, "fetch from a second client")
             raise Conflict("assignment already served to another client", code="served_elsewhere")
         if row["state"] == "pending":
-            async with self.db.transaction() as tx:
-                changed = await tx.rowcount(
-                    "UPDATE assignments SET state = 'served', served_at = ?, served_to = ? "
-                    "WHERE id = ? AND state = 'pending'",
-                    (utcnow(), client, row["id"]),
-                )
+            changed = await self.db.rowcount(
+                "UPDATE assignments SET state = 'served', served_at = ?, served_to = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (utcnow(), client, row["id"]),
+            )
             if changed != 1:  # another fetch won the race: judge again
                 return await self.serve(hostname, mac, client)
             _LOGGER.info("assignment of instance %s served to %s (%s)", instance_id, client, host_n)
@@ -325,12 +325,11 @@ class ProvisionPlane:
                 "needs_binding": bool(bindings),
                 "bindings": bindings,
             }
-            async with self.db.transaction() as tx:
-                changed = await tx.rowcount(
-                    "UPDATE assignments SET state = 'consumed', consumed_at = ?, report = ? "
-                    "WHERE id = ? AND state = 'served'",
-                    (utcnow(), dumps(final_report), row["id"]),
-                )
+            changed = await self.db.rowcount(
+                "UPDATE assignments SET state = 'consumed', consumed_at = ?, report = ? "
+                "WHERE id = ? AND state = 'served'",
+                (utcnow(), dumps(final_report), row["id"]),
+            )
             if changed != 1:
                 raise Conflict("this assignment was already completed", code="already_completed")
             try:

@@ -718,7 +718,7 @@ class Connection:
         session = api._store.get("session")  # proxmoxer keeps its requests session here
         if not isinstance(session, requests.Session):
             msg = "proxmoxer's session is not reachable; cannot configure it"
-            raise RuntimeError(msg)
+            raise TypeError(msg)
         # PVE is reached directly: no proxy or .netrc from the environment (and no per-request
         # scan of os.environ for them).
         session.trust_env = False

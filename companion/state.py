@@ -169,7 +169,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def utcnow() -> str:
     """The current time as the ISO 8601 UTC string the DB and API use."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def dumps(value: Any) -> str:
@@ -242,9 +242,18 @@ class Database:
         return await _fetchall(self._conn, sql, params)
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run one write statement in its own transaction; returns lastrowid."""
-        async with self.transaction() as tx:
-            return await tx.execute(sql, params)
+        """Run one write statement on its own (SQLite makes a lone statement its own
+        transaction: one trip); returns lastrowid."""
+        async with self._write_lock:
+            cursor = await self._conn.execute(sql, params)
+            return int(cursor.lastrowid or 0)
+
+    async def rowcount(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one write statement on its own; returns the number of rows it changed (a
+        compare-and-set ``UPDATE ... WHERE state = ?`` answers 0 when it lost)."""
+        async with self._write_lock:
+            cursor = await self._conn.execute(sql, params)
+            return int(cursor.rowcount)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

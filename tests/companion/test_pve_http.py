@@ -1,0 +1,238 @@
+"""The HTTPS transport under proxmoxer (companion/pve_http.py), against a scripted TLS server on
+127.0.0.1: keep-alive reuse, a connection the server dropped, every way an answer is framed,
+timeouts and refused input. The normal PVE exchanges are covered through the simulator in
+test_proxmox_sim.py."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from companion.proxmox import Connection, PveUnavailable, _Transport
+from companion.pve_http import PveHttpAdapter
+from companion.sim.tls import TlsMaterial, generate
+
+Script = Callable[[str], bytes | None]
+
+
+@dataclass
+class Server:
+    port: int
+    tls: TlsMaterial
+    requests: list[str] = field(default_factory=list)  # request heads, in order
+    connections: int = 0
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    handlers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def drop_idle(self) -> None:
+        """Close every connection from the server's side (an idle keep-alive timing out)."""
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+
+
+def _answer(path: str) -> bytes | None:
+    """What the server answers per path; None: answer nothing (the client must time out)."""
+    json_body = b'{"data":"ok"}'
+    if path == "/slow":
+        return None
+    if path == "/chunked":
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b'4;ext=1\r\n{"da\r\n9\r\nta":"ok"}\r\n0\r\nX-Trailer: 1\r\n\r\n'
+        )
+    if path == "/until-close":
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + json_body
+    if path == "/close":
+        return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 13\r\n\r\n" + json_body
+    if path == "/continue":
+        return (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n" + json_body
+        )
+    if path == "/no-content":
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+    if path == "/error":
+        body = b'{"data":null}'
+        return (
+            b"HTTP/1.1 500 Configuration file 'nodes/pve/lxc/9.conf' does not exist\r\n"
+            b"Content-Type: application/json;charset=UTF-8\r\nContent-Length: 13\r\n\r\n" + body
+        )
+    if path == "/truncated":
+        return b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{"da'
+    if path == "/garbage":
+        return b"SSH-2.0-OpenSSH_9.2\r\n\r\n"
+    return b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n" + json_body
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    tls = generate(tmp_path / "tls", "pve", ["127.0.0.1"])
+    state = Server(port=0, tls=tls)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        state.writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        state.handlers.append(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                text = head.decode("latin-1")
+                state.requests.append(text)
+                length = next(
+                    (
+                        int(line.split(":", 1)[1])
+                        for line in text.split("\r\n")
+                        if line.lower().startswith("content-length:")
+                    ),
+                    0,
+                )
+                if length:
+                    await reader.readexactly(length)
+                path = "/" + text.split(" ", 2)[1].split("?")[0].rsplit("/", 1)[1]
+                answer = _answer(path)
+                if answer is None:
+                    await reader.read()  # say nothing until the client gives up
+                    return
+                writer.write(answer)
+                await writer.drain()
+                if b"Connection: close" in answer or path == "/until-close":
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            return
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls.server_context())
+    state.port = srv.sockets[0].getsockname()[1]
+    yield state
+    srv.close()
+    state.drop_idle()
+    await asyncio.wait_for(asyncio.gather(*state.handlers, return_exceptions=True), 5)
+
+
+def _session(server: Server, *, fingerprint: str | None = None) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = False if fingerprint else str(server.tls.ca_file)
+    session.mount("https://", PveHttpAdapter(fingerprint=fingerprint))
+    return session
+
+
+def _get(session: requests.Session, server: Server, path: str, **kw: object) -> requests.Response:
+    return session.get(f"https://127.0.0.1:{server.port}{path}", timeout=2, **kw)  # type: ignore[arg-type]
+
+
+async def test_one_connection_serves_many_requests(server: Server) -> None:
+    session = _session(server)
+    for _ in range(5):
+        answer = await asyncio.to_thread(_get, session, server, "/api2/json/version")
+        assert answer.status_code == 200
+        assert answer.json() == {"data": "ok"}
+    assert server.connections == 1
+    # the request carries a Host header and asks for no compression
+    assert f"Host: 127.0.0.1:{server.port}" in server.requests[0]
+    assert "Accept-Encoding: identity" in server.requests[0]
+
+
+async def test_a_connection_the_server_dropped_is_replaced(server: Server) -> None:
+    session = _session(server)
+    assert (await asyncio.to_thread(_get, session, server, "/a")).status_code == 200
+    server.drop_idle()
+    await asyncio.sleep(0.05)  # the FIN arrives
+    assert (await asyncio.to_thread(_get, session, server, "/b")).json() == {"data": "ok"}
+    assert server.connections == 2
+    assert len(server.requests) == 2  # nothing was sent on the dead connection
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "body"),
+    [
+        ("/chunked", 200, b'{"data":"ok"}'),
+        ("/until-close", 200, b'{"data":"ok"}'),
+        ("/close", 200, b'{"data":"ok"}'),
+        ("/continue", 200, b'{"data":"ok"}'),
+        ("/no-content", 204, b""),
+    ],
+)
+async def test_every_framing_is_read(server: Server, path: str, status: int, body: bytes) -> None:
+    session = _session(server)
+    answer = await asyncio.to_thread(_get, session, server, path)
+    assert (answer.status_code, answer.content) == (status, body)
+    # and the connection is still usable (or replaced when the server ended it)
+    assert (await asyncio.to_thread(_get, session, server, "/after")).status_code == 200
+
+
+async def test_pve_error_reason_reaches_proxmoxer(server: Server) -> None:
+    session = _session(server)
+    answer = await asyncio.to_thread(_get, session, server, "/error")
+    assert answer.status_code == 500
+    assert answer.reason == "Configuration file 'nodes/pve/lxc/9.conf' does not exist"
+    assert answer.encoding == "UTF-8"
+    assert answer.text == '{"data":null}'
+
+
+@pytest.mark.parametrize("path", ["/truncated", "/garbage"])
+async def test_a_broken_answer_is_a_connection_error(server: Server, path: str) -> None:
+    session = _session(server)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        await asyncio.to_thread(_get, session, server, path)
+    assert (await asyncio.to_thread(_get, session, server, "/after")).status_code == 200
+
+
+async def test_post_body_and_form_encoding(server: Server) -> None:
+    session = _session(server)
+    url = f"https://127.0.0.1:{server.port}/api2/json/nodes/pve/lxc/100/clone"
+    answer = await asyncio.to_thread(session.post, url, data={"newid": 101, "hostname": "a b"})
+    assert answer.status_code == 200
+    head = server.requests[0]
+    assert head.startswith("POST /api2/json/nodes/pve/lxc/100/clone HTTP/1.1\r\n")
+    assert "Content-Length: 22" in head  # newid=101&hostname=a+b
+
+
+async def test_a_silent_server_is_a_read_timeout_naming_the_wait(server: Server) -> None:
+    session = _session(server)
+    url = f"https://127.0.0.1:{server.port}/slow"
+    with pytest.raises(requests.exceptions.ReadTimeout, match="did not answer within 0.3 s"):
+        await asyncio.to_thread(session.get, url, timeout=0.3)
+
+
+async def test_header_injection_is_refused(server: Server) -> None:
+    session = _session(server)
+    with pytest.raises(requests.exceptions.InvalidHeader):
+        await asyncio.to_thread(_get, session, server, "/x", headers={"X-A": "1\r\nX-B: 2"})
+    assert server.requests == []
+
+
+async def test_pinned_fingerprint_is_checked_before_anything_is_sent(server: Server) -> None:
+    good = _session(server, fingerprint=server.tls.fingerprint)
+    assert (await asyncio.to_thread(_get, good, server, "/ok")).status_code == 200
+    bad = _session(server, fingerprint="00" * 32)
+    with pytest.raises(requests.exceptions.SSLError, match="Fingerprints did not match"):
+        await asyncio.to_thread(_get, bad, server, "/secret")
+    assert [r.split(" ")[1] for r in server.requests] == ["/ok"]
+
+
+async def test_the_boundary_maps_a_timeout_to_unavailable(server: Server) -> None:
+    connection = Connection.from_url(
+        f"https://127.0.0.1:{server.port}",
+        "ctrlable@pve!provisioner",
+        "secret",
+        ca_file=str(server.tls.ca_file),
+        timeout=0.3,
+    )
+    transport = _Transport(connection)
+    try:
+        with pytest.raises(PveUnavailable, match="did not answer within 0.3 s"):
+            await asyncio.to_thread(transport.call, "GET", "slow", None)
+    finally:
+        transport.close()
