@@ -11,9 +11,13 @@ ideal critical path (goal <= 1.10x), and the companion's CPU time per instance (
   assignment, report complete). The companion's side of that is in the CPU figure.
 - Ideal = max over templates of ``n_t x clone + start`` + boot: LXC clones of one template
   are serialized by PVE (the source's ``disk`` lock), everything else may overlap.
+- Round 0 is the first deploy after the companion started: it does not know yet how long PVE's
+  tasks take and polls them on the growth schedule. It is printed on its own; the goals are
+  judged on the medians of the warm rounds after it. ``--verbose`` lists each round's PVE
+  requests and splits the CPU into the event-loop thread and the others (PVE workers, SQLite).
 
-Usage: ``.venv311/bin/python bench/bench_deploy.py [--rounds 3] [--clone 2] [--start 1]
-[--boot 0] [--types zwavejs,zigbee2mqtt,...] [--strict]``
+Usage: ``.venv311/bin/python bench/bench_deploy.py [--rounds 7] [--clone 2] [--start 1]
+[--boot 0] [--types zwavejs,zigbee2mqtt,...] [--verbose] [--strict] [--profile FILE]``
 """
 
 from __future__ import annotations
@@ -333,18 +337,26 @@ async def run(args: argparse.Namespace) -> int:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    wall, cpu_ms = statistics.median(walls), statistics.median(cpus) * 1000
+    first_wall, first_cpu = walls[0], cpus[0] * 1000
+    warm_walls, warm_cpus = walls[1:] or walls, [c * 1000 for c in cpus[1:] or cpus]
+    wall, cpu_ms = statistics.median(warm_walls), statistics.median(warm_cpus)
     ratio = wall / ideal
     print(
         f"deploy of {len(types)} guests ({','.join(types)}), clone {args.clone:g} s, "
         f"start {args.start:g} s, boot {args.boot:g} s"
     )
     print(
+        f"  first round (task durations not learned yet): wall {first_wall:.2f} s = "
+        f"{first_wall / ideal:.3f}x, companion CPU {first_cpu:.1f} ms/instance"
+    )
+    print(f"  warm rounds ({len(warm_walls)}), medians:")
+    print(
         f"  wall {wall:.2f} s vs ideal critical path {ideal:.2f} s = {ratio:.3f}x "
         f"(goal <= {WALL_GOAL:.2f}x): {'ok' if ratio <= WALL_GOAL else 'MISSED'}"
     )
     print(
-        f"  companion CPU {cpu_ms:.1f} ms/instance (goal < {CPU_GOAL_MS:g} ms): "
+        f"  companion CPU {cpu_ms:.1f} ms/instance (range {min(warm_cpus):.1f}-"
+        f"{max(warm_cpus):.1f}; goal < {CPU_GOAL_MS:g} ms): "
         f"{'ok' if cpu_ms < CPU_GOAL_MS else 'MISSED'}"
     )
     met = ratio <= WALL_GOAL and cpu_ms < CPU_GOAL_MS
@@ -353,7 +365,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="the first, then warm ones")
     parser.add_argument("--clone", type=float, default=2.0, help="vzclone task seconds")
     parser.add_argument("--start", type=float, default=1.0, help="vzstart task seconds")
     parser.add_argument("--boot", type=float, default=0.0, help="guest boot before first boot")

@@ -399,6 +399,7 @@ class DeployPlane:
         self._handlers: dict[str, KindHandler] = {"lxc": KindHandler()}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._completed: dict[int, Instance] = {}  # made active by firstboot_completed
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._alloc_lock = asyncio.Lock()
         self._reallocations: dict[int, int] = {}
@@ -731,7 +732,7 @@ class DeployPlane:
                 code="not_waiting",
             )
         try:
-            await self._activate(instance, report)
+            current = await self._activate(instance, report)
         except _Superseded:
             current = await self.get(instance_id)
             if current.state != "active":
@@ -741,6 +742,7 @@ class DeployPlane:
                 ) from None
         waiter = self._waiters.get(instance_id)
         if waiter is not None and not waiter.done():
+            self._completed[instance_id] = current  # the pipeline need not activate it again
             waiter.set_result(dict(report))
 
     async def wait_firstboot(self, instance_id: int, timeout: float) -> dict[str, Any]:
@@ -882,6 +884,7 @@ class DeployPlane:
             await self._undo_task(current, "failed")
         finally:
             self._waiters.pop(instance.id, None)
+            self._completed.pop(instance.id, None)
             self._reallocations.pop(instance.id, None)
 
     async def _drive(self, instance: Instance, *, resumed: bool) -> None:
@@ -1134,6 +1137,9 @@ class DeployPlane:
             # The guest reported while this companion was going down.
             return await self._activate(instance, {})
         report = await handler.finish(self, instance, remaining)
+        done = self._completed.pop(instance.id, None)
+        if done is not None:
+            return done
         try:
             return await self._activate(instance, report)
         except _Superseded:

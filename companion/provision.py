@@ -145,7 +145,8 @@ class ProvisionPlane:
         mac_n = normalize_mac(mac)
         host_n = normalize_hostname(hostname)
         row = await self.db.fetchone(
-            "SELECT i.id, i.project_id, i.type, i.hostname, i.release, i.overrides "
+            "SELECT i.id, i.project_id, i.type, i.hostname, i.release, i.overrides, "
+            "i.needs_binding "
             "FROM instances i WHERE i.id = ?",
             (instance_id,),
         )
@@ -194,10 +195,11 @@ class ProvisionPlane:
                 "VALUES (?, ?, ?, ?, 'pending', ?)",
                 (instance_id, host_n, mac_n, dumps(stored), now),
             )
-            await tx.execute(
-                "UPDATE instances SET needs_binding = ? WHERE id = ?",
-                (int(bool(wiring.bindings)), instance_id),
-            )
+            if bool(row["needs_binding"]) != bool(wiring.bindings):
+                await tx.execute(
+                    "UPDATE instances SET needs_binding = ? WHERE id = ?",
+                    (int(bool(wiring.bindings)), instance_id),
+                )
         _LOGGER.info(
             "assignment recorded for instance %s (%s, project %s)%s",
             instance_id,

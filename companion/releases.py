@@ -55,6 +55,9 @@ class Releases:
         self.db = db
         self.catalog = catalog
         self.events = events
+        # Template records by (release, name): only record_template writes them, so a record
+        # once read stays right until it does (every deploy step reads one).
+        self._templates: dict[tuple[str, str], TemplateRecord] = {}
 
     async def sync_catalog(self) -> None:
         """Make sure every shipped manifest has a row (state ``available``)."""
@@ -89,10 +92,16 @@ class Releases:
         return [TemplateRecord.from_row(r) for r in rows]
 
     async def template(self, release: str, name: str) -> TemplateRecord | None:
+        cached = self._templates.get((release, name))
+        if cached is not None:
+            return cached
         row = await self.db.fetchone(
             "SELECT * FROM templates WHERE release = ? AND name = ?", (release, name)
         )
-        return None if row is None else TemplateRecord.from_row(row)
+        if row is None:
+            return None
+        record = self._templates[(release, name)] = TemplateRecord.from_row(row)
+        return record
 
     async def record_template(
         self,
@@ -109,6 +118,7 @@ class Releases:
             msg = f"{release}/{name} is not in a shipped manifest"
             raise ValueError(msg)
         kind = manifest.templates[name].kind
+        self._templates.pop((release, name), None)
         await self.db.execute(
             "INSERT INTO templates (release, name, kind, node, template_vmid, builder_ref,"
             " app_version, built_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
