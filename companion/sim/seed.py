@@ -80,9 +80,11 @@ def seed_default(state: ClusterState, templates: list[TemplateSpec] | None = Non
             used=90 * 1024**3,
         )  # fmt: skip
     for spec in specs:
-        config = (
-            {"tags": f"ctrlable;release-{spec.release};tmpl-{spec.name}"} if spec.release else None
-        )
+        # As built: the builders create guests with onboot 1 and ctrlable-build keeps it (so a
+        # clone starts with the host without a config write).
+        config = {"onboot": "1"}
+        if spec.release:
+            config["tags"] = f"ctrlable;release-{spec.release};tmpl-{spec.name}"
         state.add_guest(
             spec.pve_kind, spec.vmid, spec.node, spec.name, template=True, config=config
         )
