@@ -805,11 +805,15 @@ class DeployPlane:
             if await self.db.rowcount(sql, params) != 1:  # one statement: its own transaction
                 raise _Superseded
             return new
-        async with self.db.transaction() as tx:
-            if await tx.rowcount(sql, params) != 1:
-                raise _Superseded
-            event = await self.services.events.record(tx, "instance.state", new.as_dict())
-        self.services.events.fanout(event)  # right after the commit: ids stay in order
+        events = self.services.events
+        data = new.as_dict()
+        insert = events.insert("instance.state", data)
+        ids = await self.db.atomic([(sql, params), insert], guard=True)
+        if ids is None:
+            raise _Superseded
+        event = events.recorded(insert, ids[1], data)
+        events.fanout(event)  # right after the commit: ids stay in order
+        await events.prune(event.id)
         self._notify()
         return new
 

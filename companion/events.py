@@ -43,10 +43,30 @@ class EventBus:
         event_id = await self._db.execute(
             "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
         )
-        await self._prune(self._db, event_id)
         event = Event(event_id, ts, type_, data)
-        self.fanout(event)
+        self.fanout(event)  # before anything else can commit an event: ids stay in order
+        await self._prune(self._db, event_id)
         return event
+
+    def insert(self, type_: str, data: dict[str, Any]) -> tuple[str, tuple[str, str, str]]:
+        """The INSERT of an event for ``Database.atomic`` (its lastrowid is the event id); the
+        caller builds the ``Event`` with :meth:`recorded` and fans it out after the commit."""
+        return (
+            "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)",
+            (utcnow(), type_, dumps(data)),
+        )
+
+    @staticmethod
+    def recorded(
+        statement: tuple[str, tuple[str, str, str]], event_id: int, data: dict[str, Any]
+    ) -> Event:
+        """The committed event of :meth:`insert`: fan it out at once (so ids reach subscribers
+        in order), then :meth:`prune`."""
+        _, (ts, type_, _) = statement
+        return Event(event_id, ts, type_, data)
+
+    async def prune(self, event_id: int) -> None:
+        await self._prune(self._db, event_id)
 
     async def record(self, tx: Transaction, type_: str, data: dict[str, Any]) -> Event:
         """Append an event inside the caller's write transaction (one commit for a state change

@@ -175,31 +175,39 @@ class ProvisionPlane:
             "guest": wiring.guest,
             "bindings": [b.as_dict() for b in wiring.bindings],
         }
-        async with self.db.transaction() as tx:
-            live = await tx.fetchall(
-                "SELECT id, hostname, mac FROM assignments WHERE instance_id = ? "
-                "AND state IN ('pending', 'served')",
-                (instance_id,),
-            )
-            if any(r["hostname"] == host_n and r["mac"] == mac_n for r in live):
-                return
-            now = utcnow()
-            if live:
-                await tx.execute(
+        # Only the instance's own pipeline makes its assignment (one step at a time), so the
+        # check below and the writes after it cannot interleave with another maker.
+        live = await self.db.fetchall(
+            "SELECT id, hostname, mac FROM assignments WHERE instance_id = ? "
+            "AND state IN ('pending', 'served')",
+            (instance_id,),
+        )
+        if any(r["hostname"] == host_n and r["mac"] == mac_n for r in live):
+            return
+        writes: list[tuple[str, tuple[Any, ...]]] = []
+        if live:
+            writes.append(
+                (
                     "UPDATE assignments SET state = 'revoked' WHERE instance_id = ? "
                     "AND state IN ('pending', 'served')",
                     (instance_id,),
                 )
-            await tx.execute(
+            )
+        writes.append(
+            (
                 "INSERT INTO assignments (instance_id, hostname, mac, payload, state, created_at) "
                 "VALUES (?, ?, ?, ?, 'pending', ?)",
-                (instance_id, host_n, mac_n, dumps(stored), now),
+                (instance_id, host_n, mac_n, dumps(stored), utcnow()),
             )
-            if bool(row["needs_binding"]) != bool(wiring.bindings):
-                await tx.execute(
+        )
+        if bool(row["needs_binding"]) != bool(wiring.bindings):
+            writes.append(
+                (
                     "UPDATE instances SET needs_binding = ? WHERE id = ?",
                     (int(bool(wiring.bindings)), instance_id),
                 )
+            )
+        await self.db.atomic(writes)
         _LOGGER.info(
             "assignment recorded for instance %s (%s, project %s)%s",
             instance_id,

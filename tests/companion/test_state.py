@@ -100,3 +100,50 @@ async def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
         assert await db.fetchall("SELECT * FROM projects") == []
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("one_trip", [True, False], ids=["one-trip", "trip-per-statement"])
+async def test_atomic_writes_all_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_trip: bool
+) -> None:
+    db = await Database.open(tmp_path / "s.db")
+    assert Database.one_trip  # the aiosqlite we install has Connection._execute
+    # without it, the same statements go through the public API, trip by trip
+    monkeypatch.setattr(db, "one_trip", one_trip)
+    try:
+        now = utcnow()
+        ids = await db.atomic(
+            [
+                ("INSERT INTO projects (name, created_at) VALUES (?, ?)", ("a", now)),
+                ("INSERT INTO kv (key, value) VALUES (?, ?)", ("k", "1")),
+            ]
+        )
+        assert ids is not None
+        assert ids[0] > 0
+        assert await db.fetchone("SELECT name FROM projects WHERE id = ?", (ids[0],)) == {
+            "name": "a"
+        }
+        # a guard that changes no row: nothing of the batch is written
+        lost = await db.atomic(
+            [
+                ("UPDATE kv SET value = '2' WHERE key = ? AND value = ?", ("k", "0")),
+                ("INSERT INTO projects (name, created_at) VALUES (?, ?)", ("b", now)),
+            ],
+            guard=True,
+        )
+        assert lost is None
+        # a statement that fails rolls back the ones before it
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.atomic(
+                [
+                    ("UPDATE kv SET value = '3' WHERE key = ?", ("k",)),
+                    ("INSERT INTO projects (name, created_at) VALUES (?, ?)", ("a", now)),
+                ]
+            )
+        assert await db.fetchall("SELECT name FROM projects ORDER BY name") == [{"name": "a"}]
+        assert await db.get_kv("k") == "1"
+        # and the connection is usable afterwards (no transaction left open)
+        await db.set_kv("k", "4")
+        assert await db.get_kv("k") == "4"
+    finally:
+        await db.close()
