@@ -68,4 +68,7 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redacting
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # aiosqlite's DEBUG lines repr every statement with its parameters (secret values included).
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    # proxmoxer logs every request at INFO (every task poll) and every answer at DEBUG; the
+    # boundary logs what matters (retries, failures) itself.
+    logging.getLogger("proxmoxer").setLevel(logging.WARNING)
     return REDACTOR

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import requests
 
 from .errors import ApiError
-from .pve_http import PveHttpAdapter
+from .pve_http import PveSession, Timeout, TlsFailure, TransportError
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -637,8 +637,8 @@ class TaskPolicy:
 
 
 # --------------------------------------------------------------------------------------------
-# Transport: proxmoxer in worker threads, one client (and one keep-alive connection, see
-# pve_http.py) per thread.
+# Transport: proxmoxer in worker threads, one client (and one keep-alive connection: its
+# session is pve_http.PveSession) per thread.
 # --------------------------------------------------------------------------------------------
 
 
@@ -715,15 +715,25 @@ class Connection:
             backend="https",
             service="PVE",
         )
-        session = api._store.get("session")  # proxmoxer keeps its requests session here
-        if not isinstance(session, requests.Session):
-            msg = "proxmoxer's session is not reachable; cannot configure it"
+        # proxmoxer keeps its session in the resource store (copied into every resource made
+        # from the API object): give it ours, see pve_http.py.
+        original = api._store.get("session")
+        if not isinstance(original, requests.Session):
+            msg = "proxmoxer's session is not where this proxmoxer version keeps it"
             raise TypeError(msg)
-        # PVE is reached directly: no proxy or .netrc from the environment (and no per-request
-        # scan of os.environ for them).
-        session.trust_env = False
-        session.mount("https://", PveHttpAdapter(fingerprint=self.fingerprint))
+        original.close()
+        api._store["session"] = PveSession(
+            authorization=self.authorization,
+            verify=self.verify,
+            fingerprint=self.fingerprint,
+            timeout=self.timeout,
+        )
         return api
+
+    @property
+    def authorization(self) -> str:
+        """The API token header value (Proxmox: ``PVEAPIToken=USER@REALM!TOKENID=SECRET``)."""
+        return f"PVEAPIToken={self.user}!{self.token_name}={self.token_secret}"
 
 
 class _Transport:
@@ -766,16 +776,16 @@ class _Transport:
             raise map_error(
                 int(err.status_code), str(err.content or ""), err.errors, request=request
             ) from None
-        except requests.exceptions.SSLError as err:
+        except TlsFailure as err:
             raise PveTlsError(
                 f"Proxmox TLS verification failed ({request}): {_short(err)}", request=request
             ) from None
-        except requests.exceptions.Timeout:
+        except Timeout:
             raise PveUnavailable(
                 f"Proxmox did not answer within {self._connection.timeout:g} s ({request})",
                 request=request,
             ) from None
-        except requests.exceptions.RequestException as err:
+        except TransportError as err:
             raise PveUnavailable(
                 f"Proxmox unreachable ({request}): {_short(err)}", request=request
             ) from None
@@ -787,7 +797,7 @@ class _Transport:
             apis, self._apis = self._apis, []
         for api in apis:
             session = api._store.get("session")
-            if isinstance(session, requests.Session):
+            if isinstance(session, PveSession):
                 session.close()
 
 

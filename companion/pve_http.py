@@ -1,52 +1,64 @@
-"""The HTTPS transport under proxmoxer's ``requests`` session.
+"""The HTTPS session proxmoxer sends through.
 
-proxmoxer builds the URL, signs the request with the API token and parses PVE's answer; it
-sends through a ``requests.Session``. This module is the ``requests`` transport adapter mounted
-on that session (``Session.mount``, requests' documented extension point). It keeps ONE
-keep-alive TLS connection per session (the boundary gives every worker thread its own session)
-and speaks the small part of HTTP/1.1 that PVE's API uses, instead of urllib3's pool and
-``http.client``'s e-mail-grade header parser: the same answers for a third of the CPU per
-request (docs/proxmox.md, bench/bench_deploy.py).
+proxmoxer builds the URL, signs nothing itself for tokens, and parses PVE's answer
+(``ProxmoxResource._request``: ``session.request(method, url, data=, params=)``, then the
+answer's ``status_code``, ``reason``, ``content`` and ``text``). The boundary gives proxmoxer this
+session in place of its ``requests`` one (docs/proxmox.md): ONE keep-alive TLS connection per
+session (every PVE worker thread has its own), the API token header, form-encoded bodies, and
+the small part of HTTP/1.1 that PVE's API uses. A request costs a quarter of the CPU it costs
+through ``requests`` + urllib3 (bench/bench_deploy.py), and nothing from the environment
+(proxies, ``.netrc``, ``REQUESTS_CA_BUNDLE``) applies: PVE is reached directly.
 
 What it speaks: one request at a time on the connection; answers framed by ``Content-Length``,
 ``Transfer-Encoding: chunked`` or the end of the connection; no body for ``HEAD``, 1xx, 204 and
 304; ``Connection: close`` honoured; ``Accept-Encoding: identity`` (nothing here unzips). An idle
-connection the other end closed is noticed before it is reused.
+connection the other end closed is noticed before it is reused, and a GET that finds its
+connection dead is sent once more on a fresh one.
 
-Trust is decided here too:
-- ``verify=True``: the CA bundle requests uses (certifi) and the hostname;
+Trust:
+- ``verify=True``: the CA bundle of ``certifi`` and the hostname;
 - ``verify="/path"``: that CA file (or directory) and the hostname;
 - a pinned SHA-256 fingerprint (with ``verify=False``): exactly that certificate, checked after
   the handshake, before anything is sent; a mismatch fails closed.
 
-Errors come out as the ``requests`` exceptions the boundary already maps (``SSLError``,
-``ConnectTimeout``, ``ReadTimeout``, ``ConnectionError``), with OpenSSL's or the socket's words
-in the message (``CERTIFICATE_VERIFY_FAILED``, ``Connection refused``, ``Fingerprints did not
-match``).
+Failures raise ``TransportError`` (``TlsFailure``, ``Timeout``) with OpenSSL's or the socket's
+words in the message (``CERTIFICATE_VERIFY_FAILED``, ``Connection refused``, ``Fingerprints did
+not match``); the boundary maps them to its typed errors.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import select
 import socket
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import certifi
-import requests
-from requests.adapters import BaseAdapter
-from requests.models import PreparedRequest, Response
-from requests.structures import CaseInsensitiveDict
+
+from . import __version__
 
 #: Methods a dropped keep-alive connection may resend once (nothing was done by the first try).
 _RESENDABLE = frozenset({"GET", "HEAD"})
 MAX_LINE = 65536
 MAX_HEADERS = 100
 MAX_BODY = 64 * 1024 * 1024
+
+
+class TransportError(Exception):
+    """PVE could not be reached, or its answer could not be read."""
+
+
+class TlsFailure(TransportError):
+    """The TLS handshake failed, or the certificate is not the trusted / pinned one."""
+
+
+class Timeout(TransportError):
+    """Connecting, or waiting for the answer, took longer than the timeout."""
 
 
 class ProtocolError(Exception):
@@ -81,7 +93,7 @@ def _charset(content_type: str) -> str:
 def _check_header(name: str, value: str) -> None:
     if any(c in name for c in "\r\n:") or any(c in value for c in "\r\n"):
         msg = f"invalid header {name!r}: no CR, LF (or ':' in the name) allowed"
-        raise requests.exceptions.InvalidHeader(msg)
+        raise ValueError(msg)
 
 
 def _readline(rfile: BinaryIO) -> bytes:
@@ -196,7 +208,7 @@ def exchange(
 class _Connection:
     """One TLS connection and its buffered reader."""
 
-    def __init__(self, sock: ssl.SSLSocket, key: tuple[str, int, Any]) -> None:
+    def __init__(self, sock: ssl.SSLSocket, key: tuple[str, int]) -> None:
         self.sock = sock
         self.rfile: BinaryIO = sock.makefile("rb")
         self.key = key
@@ -213,22 +225,53 @@ class _Connection:
         self.sock.close()
 
 
-class PveHttpAdapter(BaseAdapter):
-    """``requests`` transport: one keep-alive HTTPS connection, reused while it stays open."""
+@dataclass(slots=True)
+class PveResponse:
+    """What proxmoxer reads of an answer."""
 
-    def __init__(self, *, fingerprint: str | None = None) -> None:
-        super().__init__()
+    status_code: int
+    reason: str
+    content: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(_charset(self.headers.get("content-type", "")), "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class PveSession:
+    """proxmoxer's session: the token header, one keep-alive HTTPS connection, no environment.
+
+    Not thread-safe: one per thread (the boundary makes one per PVE worker thread)."""
+
+    def __init__(
+        self,
+        *,
+        authorization: str,
+        verify: bool | str = True,
+        fingerprint: str | None = None,
+        timeout: float | None = 10.0,
+    ) -> None:
+        self._authorization = authorization
+        self._verify = verify
         self._fingerprint = fingerprint.replace(":", "").lower() if fingerprint else None
+        self._timeout = timeout
+        self._context: ssl.SSLContext | None = None
         self._conn: _Connection | None = None
-        self._contexts: dict[Any, ssl.SSLContext] = {}
         self.connects = 0  # TLS connections opened (tests: keep-alive is used)
+
+    def __repr__(self) -> str:  # the token never shows
+        return f"PveSession(verify={self._verify!r}, pinned={self._fingerprint is not None})"
 
     # -- TLS ----------------------------------------------------------------------------------
 
-    def _context(self, verify: bool | str) -> ssl.SSLContext:
-        context = self._contexts.get(verify)
-        if context is not None:
-            return context
+    def _tls(self) -> ssl.SSLContext:
+        if self._context is not None:
+            return self._context
+        verify = self._verify
         if self._fingerprint or verify is False:
             context = ssl.create_default_context()
             context.check_hostname = False
@@ -242,8 +285,8 @@ class PveHttpAdapter(BaseAdapter):
                 context = ssl.create_default_context(capath=verify)
             except FileNotFoundError:
                 msg = f"Could not find the CA file: {verify}"
-                raise requests.exceptions.SSLError(msg) from None
-        self._contexts[verify] = context
+                raise TlsFailure(msg) from None
+        self._context = context
         return context
 
     def _check_pin(self, sock: ssl.SSLSocket) -> None:
@@ -254,105 +297,102 @@ class PveHttpAdapter(BaseAdapter):
         if got != self._fingerprint:
             sock.close()
             msg = f"Fingerprints did not match. Expected {self._fingerprint}, got {got}."
-            raise requests.exceptions.SSLError(msg)
+            raise TlsFailure(msg)
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _connect(
-        self, host: str, port: int, verify: bool | str, connect_timeout: float | None
-    ) -> tuple[_Connection, bool]:
+    def _connect(self, host: str, port: int) -> tuple[_Connection, bool]:
         """The open connection to ``host:port`` (reused: True) or a fresh one (False)."""
-        key = (host, port, verify)
+        key = (host, port)
         conn = self._conn
         if conn is not None and conn.key == key and not conn.dropped():
             return conn, True
         self.close()
-        context = self._context(verify)
+        context = self._tls()
         try:
-            raw = socket.create_connection((host, port), timeout=connect_timeout)
+            raw = socket.create_connection((host, port), timeout=self._timeout)
         except TimeoutError:
-            msg = f"connecting to {host}:{port} timed out ({connect_timeout} s)"
-            raise requests.exceptions.ConnectTimeout(msg) from None
+            msg = f"connecting to {host}:{port} timed out ({self._timeout} s)"
+            raise Timeout(msg) from None
         except OSError as err:
-            raise requests.exceptions.ConnectionError(
-                f"cannot connect to {host}:{port}: {err.strerror or err}"
-            ) from None
+            msg = f"cannot connect to {host}:{port}: {err.strerror or err}"
+            raise TransportError(msg) from None
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = context.wrap_socket(raw, server_hostname=host)
         except ssl.SSLError as err:
             raw.close()
-            raise requests.exceptions.SSLError(str(err)) from None
+            raise TlsFailure(str(err)) from None
         except TimeoutError:
             raw.close()
-            msg = f"TLS handshake with {host}:{port} timed out ({connect_timeout} s)"
-            raise requests.exceptions.ConnectTimeout(msg) from None
+            msg = f"TLS handshake with {host}:{port} timed out ({self._timeout} s)"
+            raise Timeout(msg) from None
         except OSError as err:
             raw.close()
-            raise requests.exceptions.ConnectionError(
-                f"TLS handshake with {host}:{port} failed: {err}"
-            ) from None
+            msg = f"TLS handshake with {host}:{port} failed: {err}"
+            raise TransportError(msg) from None
         self._check_pin(sock)
         self.connects += 1
         self._conn = _Connection(sock, key)
         return self._conn, False
 
-    # -- BaseAdapter --------------------------------------------------------------------------
+    # -- what proxmoxer calls -----------------------------------------------------------------
 
-    def send(
+    def request(
         self,
-        request: PreparedRequest,
-        stream: bool = False,
-        timeout: None | float | tuple[float, float] | tuple[float, None] = None,
-        verify: bool | str = True,
-        cert: None | bytes | str | tuple[bytes | str, bytes | str] = None,
-        proxies: Mapping[str, str] | None = None,
-    ) -> Response:
-        if cert is not None:
-            msg = "client certificates are not supported by the PVE transport"
+        method: str,
+        url: str,
+        params: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        **_: Any,
+    ) -> PveResponse:
+        """One request; ``params`` go in the query, ``data`` form-encoded in the body."""
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            msg = f"PVE is spoken to over https only, not {url!r}"
             raise ValueError(msg)
-        url = urlsplit(request.url or "")
-        if url.scheme != "https" or not url.hostname:
-            msg = f"the PVE transport speaks https only, not {request.url!r}"
-            raise requests.exceptions.InvalidURL(msg)
-        method = request.method or "GET"
-        body = request.body.encode() if isinstance(request.body, str) else request.body
-        host, port = url.hostname, url.port or 443
-        host_header = url.netloc.rpartition("@")[2]
-        headers = {"Host": host_header, **request.headers, "Accept-Encoding": "identity"}
-        connect_timeout, read_timeout = _split_timeout(timeout)
+        target = parts.path or "/"
+        query = "&".join(q for q in (parts.query, urlencode(params or {}, doseq=True)) if q)
+        if query:
+            target += "?" + query
+        headers = {
+            "Host": parts.netloc.rpartition("@")[2],
+            "User-Agent": f"ctrlable-companion/{__version__}",
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+            "Authorization": self._authorization,
+        }
+        body = None
+        if data:
+            body = urlencode(data, doseq=True).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        elif method in ("POST", "PUT"):
+            body = b""
+        host, port = parts.hostname, parts.port or 443
         for attempt in (1, 2):
-            conn, reused = self._connect(host, port, verify, connect_timeout)
+            conn, reused = self._connect(host, port)
             try:
-                conn.sock.settimeout(read_timeout)
-                answer = exchange(conn.sock, conn.rfile, method, request.path_url, headers, body)
+                conn.sock.settimeout(self._timeout)
+                answer = exchange(conn.sock, conn.rfile, method, target, headers, body)
             except TimeoutError:
                 self.close()
-                msg = f"{host}:{port} did not answer within {read_timeout} s"
-                raise requests.exceptions.ReadTimeout(msg) from None
+                msg = f"{host}:{port} did not answer within {self._timeout} s"
+                raise Timeout(msg) from None
             except (ProtocolError, OSError) as err:
                 self.close()
                 if reused and attempt == 1 and method in _RESENDABLE:
                     continue  # the keep-alive connection died under us: once more, fresh
-                raise requests.exceptions.ConnectionError(
-                    f"connection to {host}:{port} failed: {err}"
-                ) from None
+                msg = f"connection to {host}:{port} failed: {err}"
+                raise TransportError(msg) from None
             if not answer.keep_alive:
                 self.close()
-            return self._response(request, answer)
+            return PveResponse(
+                answer.status,
+                answer.reason,
+                answer.body,
+                {name.lower(): value for name, value in answer.headers},
+            )
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _response(self, request: PreparedRequest, answer: Answer) -> Response:
-        response = Response()
-        response.status_code = answer.status
-        response.reason = answer.reason
-        response.headers = CaseInsensitiveDict(answer.headers)
-        response.encoding = _charset(response.headers.get("content-type", ""))
-        response._content = answer.body
-        response._content_consumed = True  # type: ignore[attr-defined]
-        response.url = request.url or ""
-        response.request = request
-        return response
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -1,24 +1,21 @@
-"""The HTTPS transport under proxmoxer (companion/pve_http.py), against a scripted TLS server on
-127.0.0.1: keep-alive reuse, a connection the server dropped, every way an answer is framed,
-timeouts and refused input. The normal PVE exchanges are covered through the simulator in
-test_proxmox_sim.py."""
+"""The HTTPS session proxmoxer sends through (companion/pve_http.py), against a scripted TLS
+server on 127.0.0.1: keep-alive reuse, a connection the server dropped, every way an answer is
+framed, timeouts and refused input. The normal PVE exchanges (through proxmoxer) are covered
+against the simulator in test_proxmox_sim.py."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 
 from companion.proxmox import Connection, PveUnavailable, _Transport
-from companion.pve_http import PveHttpAdapter
+from companion.pve_http import PveResponse, PveSession, Timeout, TlsFailure, TransportError
 from companion.sim.tls import TlsMaterial, generate
-
-Script = Callable[[str], bytes | None]
 
 
 @dataclass
@@ -120,16 +117,17 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     await asyncio.wait_for(asyncio.gather(*state.handlers, return_exceptions=True), 5)
 
 
-def _session(server: Server, *, fingerprint: str | None = None) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = False if fingerprint else str(server.tls.ca_file)
-    session.mount("https://", PveHttpAdapter(fingerprint=fingerprint))
-    return session
+def _session(server: Server, *, fingerprint: str | None = None, timeout: float = 2.0) -> PveSession:
+    return PveSession(
+        authorization="PVEAPIToken=ctrlable@pve!provisioner=s3cret",
+        verify=False if fingerprint else str(server.tls.ca_file),
+        fingerprint=fingerprint,
+        timeout=timeout,
+    )
 
 
-def _get(session: requests.Session, server: Server, path: str, **kw: object) -> requests.Response:
-    return session.get(f"https://127.0.0.1:{server.port}{path}", timeout=2, **kw)  # type: ignore[arg-type]
+def _get(session: PveSession, server: Server, path: str) -> PveResponse:
+    return session.request("GET", f"https://127.0.0.1:{server.port}{path}")
 
 
 async def test_one_connection_serves_many_requests(server: Server) -> None:
@@ -138,10 +136,12 @@ async def test_one_connection_serves_many_requests(server: Server) -> None:
         answer = await asyncio.to_thread(_get, session, server, "/api2/json/version")
         assert answer.status_code == 200
         assert answer.json() == {"data": "ok"}
-    assert server.connections == 1
-    # the request carries a Host header and asks for no compression
-    assert f"Host: 127.0.0.1:{server.port}" in server.requests[0]
-    assert "Accept-Encoding: identity" in server.requests[0]
+    assert server.connections == session.connects == 1
+    # the request carries the Host, the token, and asks for no compression
+    assert f"Host: 127.0.0.1:{server.port}\r\n" in server.requests[0]
+    assert "Authorization: PVEAPIToken=ctrlable@pve!provisioner=s3cret\r\n" in server.requests[0]
+    assert "Accept-Encoding: identity\r\n" in server.requests[0]
+    assert "s3cret" not in repr(session)
 
 
 async def test_a_connection_the_server_dropped_is_replaced(server: Server) -> None:
@@ -177,39 +177,53 @@ async def test_pve_error_reason_reaches_proxmoxer(server: Server) -> None:
     answer = await asyncio.to_thread(_get, session, server, "/error")
     assert answer.status_code == 500
     assert answer.reason == "Configuration file 'nodes/pve/lxc/9.conf' does not exist"
-    assert answer.encoding == "UTF-8"
+    assert answer.headers["content-type"] == "application/json;charset=UTF-8"
     assert answer.text == '{"data":null}'
 
 
 @pytest.mark.parametrize("path", ["/truncated", "/garbage"])
-async def test_a_broken_answer_is_a_connection_error(server: Server, path: str) -> None:
+async def test_a_broken_answer_is_a_transport_error(server: Server, path: str) -> None:
     session = _session(server)
-    with pytest.raises(requests.exceptions.ConnectionError):
+    with pytest.raises(TransportError, match="connection to 127.0.0.1"):
         await asyncio.to_thread(_get, session, server, path)
     assert (await asyncio.to_thread(_get, session, server, "/after")).status_code == 200
 
 
-async def test_post_body_and_form_encoding(server: Server) -> None:
+async def test_query_and_form_encoding(server: Server) -> None:
     session = _session(server)
-    url = f"https://127.0.0.1:{server.port}/api2/json/nodes/pve/lxc/100/clone"
-    answer = await asyncio.to_thread(session.post, url, data={"newid": 101, "hostname": "a b"})
+    base = f"https://127.0.0.1:{server.port}/api2/json/nodes/pve"
+    data = {"newid": 101, "hostname": "a b", "full": 1}
+    answer = await asyncio.to_thread(session.request, "POST", f"{base}/lxc/100/clone", data=data)
     assert answer.status_code == 200
-    head = server.requests[0]
-    assert head.startswith("POST /api2/json/nodes/pve/lxc/100/clone HTTP/1.1\r\n")
-    assert "Content-Length: 22" in head  # newid=101&hostname=a+b
+    params = {"start": 0, "limit": 5000}
+    await asyncio.to_thread(session.request, "GET", f"{base}/tasks/UPID:x/log", params=params)
+    await asyncio.to_thread(session.request, "POST", f"{base}/lxc/101/status/start", data={})
+    post, get, empty = server.requests
+    assert post.startswith("POST /api2/json/nodes/pve/lxc/100/clone HTTP/1.1\r\n")
+    assert "Content-Type: application/x-www-form-urlencoded\r\n" in post
+    assert "Content-Length: 29\r\n" in post  # newid=101&hostname=a+b&full=1
+    assert get.startswith("GET /api2/json/nodes/pve/tasks/UPID:x/log?start=0&limit=5000 HTTP")
+    assert "Content-Length: 0\r\n" in empty
 
 
-async def test_a_silent_server_is_a_read_timeout_naming_the_wait(server: Server) -> None:
-    session = _session(server)
-    url = f"https://127.0.0.1:{server.port}/slow"
-    with pytest.raises(requests.exceptions.ReadTimeout, match="did not answer within 0.3 s"):
-        await asyncio.to_thread(session.get, url, timeout=0.3)
+async def test_a_silent_server_is_a_timeout_naming_the_wait(server: Server) -> None:
+    session = _session(server, timeout=0.3)
+    with pytest.raises(Timeout, match="did not answer within 0.3 s"):
+        await asyncio.to_thread(_get, session, server, "/slow")
 
 
 async def test_header_injection_is_refused(server: Server) -> None:
-    session = _session(server)
-    with pytest.raises(requests.exceptions.InvalidHeader):
-        await asyncio.to_thread(_get, session, server, "/x", headers={"X-A": "1\r\nX-B: 2"})
+    session = PveSession(authorization="PVEAPIToken=a@pve!t=x\r\nX-Evil: 1", verify=False)
+    with pytest.raises(ValueError, match="invalid header"):
+        await asyncio.to_thread(_get, session, server, "/x")
+    assert server.requests == []
+
+
+async def test_an_untrusted_certificate_fails_closed(server: Server, tmp_path: Path) -> None:
+    other = generate(tmp_path / "other", "pve", ["127.0.0.1"])
+    session = PveSession(authorization="PVEAPIToken=a@pve!t=x", verify=str(other.ca_file))
+    with pytest.raises(TlsFailure, match="CERTIFICATE_VERIFY_FAILED"):
+        await asyncio.to_thread(_get, session, server, "/secret")
     assert server.requests == []
 
 
@@ -217,7 +231,7 @@ async def test_pinned_fingerprint_is_checked_before_anything_is_sent(server: Ser
     good = _session(server, fingerprint=server.tls.fingerprint)
     assert (await asyncio.to_thread(_get, good, server, "/ok")).status_code == 200
     bad = _session(server, fingerprint="00" * 32)
-    with pytest.raises(requests.exceptions.SSLError, match="Fingerprints did not match"):
+    with pytest.raises(TlsFailure, match="Fingerprints did not match"):
         await asyncio.to_thread(_get, bad, server, "/secret")
     assert [r.split(" ")[1] for r in server.requests] == ["/ok"]
 
