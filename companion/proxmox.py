@@ -390,6 +390,11 @@ def _kind(value: Any) -> Kind:
     raise ValueError(msg)
 
 
+def placeholder_name(kind: str, vmid: int) -> str:
+    """The name PVE shows for a guest it has not named yet: ``CT<vmid>`` / ``VM<vmid>``."""
+    return ("CT" if kind == "lxc" else "VM") + str(vmid)
+
+
 @dataclass(frozen=True, slots=True)
 class Guest:
     """One guest from ``/cluster/resources?type=vm``. Right after a clone PVE may report
@@ -424,7 +429,7 @@ class Guest:
         if vmid < 0:
             msg = f"guest entry without a vmid: {dict(entry)!r}"
             raise ValueError(msg)
-        name = entry.get("name") or ("CT" if kind == "lxc" else "VM") + str(vmid)
+        name = entry.get("name") or placeholder_name(kind, vmid)
         tags = tuple(t for t in re.split(r"[;, ]", str(entry.get("tags") or "")) if t)
         return cls(
             vmid=vmid,

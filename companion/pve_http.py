@@ -6,7 +6,7 @@ answer's ``status_code``, ``reason``, ``content`` and ``text``). The boundary gi
 session in place of its ``requests`` one (docs/proxmox.md): ONE keep-alive TLS connection per
 session (every PVE worker thread has its own), the API token header, form-encoded bodies, and
 the small part of HTTP/1.1 that PVE's API uses. A request costs a quarter of the CPU it costs
-through ``requests`` + urllib3 (bench/bench_deploy.py), and nothing from the environment
+through ``requests`` + urllib3 (bench/bench_deploy.py), and none of requests' environment
 (proxies, ``.netrc``, ``REQUESTS_CA_BUNDLE``) applies: PVE is reached directly.
 
 What it speaks: one request at a time on the connection; answers framed by ``Content-Length``,
@@ -16,7 +16,7 @@ connection the other end closed is noticed before it is reused, and a GET that f
 connection dead is sent once more on a fresh one.
 
 Trust:
-- ``verify=True``: the CA bundle of ``certifi`` and the hostname;
+- ``verify=True``: the system CA store (OpenSSL's default paths) and the hostname;
 - ``verify="/path"``: that CA file (or directory) and the hostname;
 - a pinned SHA-256 fingerprint (with ``verify=False``): exactly that certificate, checked after
   the handshake, before anything is sent; a mismatch fails closed.
@@ -37,8 +37,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
-
-import certifi
 
 from . import __version__
 
@@ -277,7 +275,7 @@ class PveSession:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         elif verify is True:
-            context = ssl.create_default_context(cafile=certifi.where())
+            context = ssl.create_default_context()  # the system CA store
         else:
             try:
                 context = ssl.create_default_context(cafile=verify)

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from ..proxmox import ProxmoxError
+from ..proxmox import ProxmoxError, placeholder_name
 from ..services import Services, services_of
 from ..web import Api, json_response
 
@@ -36,11 +36,14 @@ async def overview(services: Services) -> dict[str, Any]:
         services.releases.describe(),
         services.build.recent(RECENT_BUILDS),
     )
-    live = {
-        i["vmid"]: i["id"] for i in instances if i["vmid"] is not None and i["state"] != "removed"
-    }
+    live = {i["vmid"]: i for i in instances if i["vmid"] is not None and i["state"] != "removed"}
     for guest in guests:
-        guest["instance_id"] = live.get(guest["vmid"])
+        instance = live.get(guest["vmid"])
+        guest["instance_id"] = None if instance is None else instance["id"]
+        if instance is not None and guest["name"] == placeholder_name(guest["type"], guest["vmid"]):
+            # A fresh clone PVE has not named yet (proxmox-api.md §3): it is called what the
+            # clone asked for, so HA does not name its device CT<vmid> for good.
+            guest["name"] = instance["hostname"]
     problems: list[dict[str, Any]] = list(services.pve.problems())
     if pve_error is not None:
         problems.append({"code": "pve_unreachable", "message": pve_error})

@@ -3,6 +3,7 @@ problems; templates tagged by the build wrapper are adopted, so the release beco
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,43 @@ async def test_overview_reports_an_unreachable_pve_instead_of_failing(
     assert body["guests"] == []
     assert [p["code"] for p in body["problems"]] == ["pve_unreachable"]
     assert body["releases"]["latest"] == "2026.06"
+
+
+async def test_a_fresh_clone_is_shown_with_its_instance_hostname(
+    tmp_path: Path, companion_factory: Callable[..., Any]
+) -> None:
+    """PVE lists a fresh clone as CT<vmid>, status unknown, for a while (§3); HA names a
+    guest's device after the first name it sees, so the overview gives the hostname."""
+    templates = templates_from_release(REPO / "releases" / "2026.06.yaml")
+    config = SimConfig(task_seconds=0.05, resources_lag=30.0)
+    async with run_simulator(config, templates=templates) as sim:
+        settings = make_settings(
+            tmp_path,
+            pve_url=sim.base_url,
+            pve_token_id=sim.token_id,
+            pve_token_secret=sim.token_secret,
+            pve_ca_file=sim.ca_file,
+            firstboot_timeout=30.0,
+        )
+        companion = await companion_factory(settings)
+        status, body = await companion.request(
+            "POST",
+            "/api/v1/instances",
+            json={"project": "smith", "type": "zwavejs", "hostname": "zw-kitchen"},
+        )
+        assert status == 202, body
+        for _ in range(200):
+            status, overview = await companion.request("GET", "/api/v1/overview")
+            fresh = [g for g in overview["guests"] if not g["template"]]
+            if fresh and fresh[0]["instance_id"] is not None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"no clone in the overview: {overview['guests']}")
+        (guest,) = fresh
+        assert guest["status"] == "unknown"  # PVE has not reported on it yet
+        assert guest["name"] == "zw-kitchen"
+        assert guest["instance_id"] == body["id"]
+        # PVE's own answer still has the placeholder (the companion fills the name in)
+        resources = [g for g in await companion.services.pve.guests() if not g.template]
+        assert resources[0].name == f"CT{guest['vmid']}"

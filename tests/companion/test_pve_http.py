@@ -219,9 +219,13 @@ async def test_header_injection_is_refused(server: Server) -> None:
     assert server.requests == []
 
 
-async def test_an_untrusted_certificate_fails_closed(server: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trust", ["system store", "another CA"])
+async def test_an_untrusted_certificate_fails_closed(
+    server: Server, tmp_path: Path, trust: str
+) -> None:
     other = generate(tmp_path / "other", "pve", ["127.0.0.1"])
-    session = PveSession(authorization="PVEAPIToken=a@pve!t=x", verify=str(other.ca_file))
+    verify = True if trust == "system store" else str(other.ca_file)
+    session = PveSession(authorization="PVEAPIToken=a@pve!t=x", verify=verify)
     with pytest.raises(TlsFailure, match="CERTIFICATE_VERIFY_FAILED"):
         await asyncio.to_thread(_get, session, server, "/secret")
     assert server.requests == []
