@@ -36,12 +36,13 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from . import __version__
 
 #: Methods a dropped keep-alive connection may resend once (nothing was done by the first try).
 _RESENDABLE = frozenset({"GET", "HEAD"})
+PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 MAX_LINE = 65536
 MAX_HEADERS = 100
 MAX_BODY = 64 * 1024 * 1024
@@ -349,7 +350,9 @@ class PveSession:
         if parts.scheme != "https" or not parts.hostname:
             msg = f"PVE is spoken to over https only, not {url!r}"
             raise ValueError(msg)
-        target = parts.path or "/"
+        # What RFC 3986 allows in a path stays (UPIDs carry ':', '@' and '!'); anything else
+        # (a space, CR/LF, non-ASCII) is percent-encoded, never sent raw on the request line.
+        target = quote(parts.path or "/", safe=PATH_SAFE)
         query = "&".join(q for q in (parts.query, urlencode(params or {}, doseq=True)) if q)
         if query:
             target += "?" + query

@@ -26,6 +26,7 @@ class Server:
     connections: int = 0
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     handlers: list[asyncio.Task[None]] = field(default_factory=list)
+    sessions: list[PveSession] = field(default_factory=list)  # closed before the server stops
 
     def drop_idle(self) -> None:
         """Close every connection from the server's side (an idle keep-alive timing out)."""
@@ -112,18 +113,22 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls.server_context())
     state.port = srv.sockets[0].getsockname()[1]
     yield state
+    for session in state.sessions:
+        session.close()
     srv.close()
     state.drop_idle()
     await asyncio.wait_for(asyncio.gather(*state.handlers, return_exceptions=True), 5)
 
 
 def _session(server: Server, *, fingerprint: str | None = None, timeout: float = 2.0) -> PveSession:
-    return PveSession(
+    session = PveSession(
         authorization="PVEAPIToken=ctrlable@pve!provisioner=s3cret",
         verify=False if fingerprint else str(server.tls.ca_file),
         fingerprint=fingerprint,
         timeout=timeout,
     )
+    server.sessions.append(session)
+    return session
 
 
 def _get(session: PveSession, server: Server, path: str) -> PveResponse:
@@ -204,6 +209,18 @@ async def test_query_and_form_encoding(server: Server) -> None:
     assert "Content-Length: 29\r\n" in post  # newid=101&hostname=a+b&full=1
     assert get.startswith("GET /api2/json/nodes/pve/tasks/UPID:x/log?start=0&limit=5000 HTTP")
     assert "Content-Length: 0\r\n" in empty
+
+
+async def test_the_path_is_sent_encoded(server: Server) -> None:
+    session = _session(server)
+    base = f"https://127.0.0.1:{server.port}/api2/json/nodes"
+    upid = "UPID:pve:00001234:0000ABCD:66A0B1C2:vzclone:9010:ctrlable@pve!provisioner:"
+    await asyncio.to_thread(session.request, "GET", f"{base}/pve/tasks/{upid}/status")
+    await asyncio.to_thread(session.request, "GET", f"{base}/a b\r\nX-Evil: 1/status")
+    first, second = (head.split("\r\n", 1)[0] for head in server.requests)
+    assert first == f"GET /api2/json/nodes/pve/tasks/{upid}/status HTTP/1.1"
+    # urlsplit drops CR/LF/tab (WHATWG); what is left is percent-encoded: one request line
+    assert second == "GET /api2/json/nodes/a%20bX-Evil:%201/status HTTP/1.1"
 
 
 async def test_a_silent_server_is_a_timeout_naming_the_wait(server: Server) -> None:
