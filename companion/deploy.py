@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import re
 import sqlite3
@@ -390,6 +391,10 @@ _FALLBACK: dict[str, KindHandler] = {"lxc": KindHandler(), "vm": VmHandler()}
 # --------------------------------------------------------------------------------------------
 
 
+#: kv key: the PVE task durations the boundary learned, kept across restarts.
+KV_TASK_DURATIONS = "pve.task_durations"
+
+
 class DeployPlane:
     """Projects, instances, stacks; a Component (``start`` resumes, ``stop`` cancels)."""
 
@@ -411,6 +416,7 @@ class DeployPlane:
     async def start(self) -> None:
         """Resume (or roll back) every instance a previous run left unfinished."""
         self._stopping = False
+        await self._load_task_durations()
         rows = await self.db.fetchall(
             _SELECT + " WHERE i.state NOT IN ('active', 'failed', 'removed') ORDER BY i.id"
         )
@@ -445,6 +451,25 @@ class DeployPlane:
         for waiter in self._waiters.values():
             waiter.cancel()
         self._waiters.clear()
+        await self._save_task_durations()
+
+    async def _load_task_durations(self) -> None:
+        """How long PVE's clones and starts took in the last run: the first deploy after a
+        restart then polls its tasks once or twice, not on the growth schedule (docs/proxmox.md)."""
+        raw = await self.db.get_kv(KV_TASK_DURATIONS)
+        try:
+            kept = json.loads(raw) if raw else {}
+        except ValueError:
+            kept = None
+        if isinstance(kept, dict):
+            self.services.pve.remember_durations(kept)
+        else:
+            _LOGGER.warning("ignoring unreadable %s in the state DB", KV_TASK_DURATIONS)
+
+    async def _save_task_durations(self) -> None:
+        learned = self.services.pve.learned_durations()
+        if learned:
+            await self.db.set_kv(KV_TASK_DURATIONS, json.dumps(learned, sort_keys=True))
 
     # -- kinds ----------------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ POWER_RESULT: dict[str, str] = {
     "shutdown": "stopped",
 }
 LOG_TAIL_LINES = 20
+#: Task types whose id is the clone's source (a template).
+CLONE_TASKS = frozenset({"vzclone", "qmclone"})
 
 T = TypeVar("T")
 
@@ -1021,6 +1023,22 @@ class ProxmoxClient:
             running_seen = True
             if waited >= limit:
                 raise PveTaskTimeout(upid, waited, await self.task_log_tail(upid))
+
+    def learned_durations(self) -> dict[str, float]:
+        """What is worth keeping across a restart of what ``wait_task`` learned: per task type,
+        and per clone source (a template is cloned again and again; a started guest's own id
+        says nothing about the next one)."""
+        return {
+            key: value
+            for key, value in self._durations.items()
+            if ":" not in key or key.partition(":")[0] in CLONE_TASKS
+        }
+
+    def remember_durations(self, durations: Mapping[str, Any]) -> None:
+        """Take durations kept by :meth:`learned_durations` (what this run learned wins)."""
+        for key, value in durations.items():
+            if isinstance(value, int | float) and 0 < value <= self.tasks.timeout:
+                self._durations.setdefault(str(key), float(value))
 
     def _learn(
         self, keys: tuple[str, ...], expected: float | None, waited: float, running_seen: bool

@@ -165,6 +165,34 @@ async def test_completion_recorded_while_going_down_becomes_active(
     assert (await wait_for(second, iid, state_is("active", "failed")))["state"] == "active"
 
 
+async def test_learned_task_durations_survive_a_restart(
+    sim: Simulator, companion_factory: Factory, tmp_path: Path
+) -> None:
+    """The first deploy after a restart polls its clone once or twice, not on the growth
+    schedule (which polls a 0.6 s task about a dozen times)."""
+    sim.core.set_task_duration("vzclone", 0.6)
+    runs = Restarts(companion_factory, tmp_path, sim)
+    first = await runs.start()
+    iid = await deploy(first, "pbx-1")
+    await wait_for(first, iid, state_is("awaiting_firstboot", "failed"))
+    learned = first.services.pve.learned_durations()
+    assert 0.5 < learned["vzclone:9050"] < 1.0
+    assert not any(key.startswith("vzstart:") for key in learned)  # a guest's own id: not kept
+    await runs.stop()
+
+    second = await runs.start()
+    assert second.services.pve.learned_durations()["vzclone:9050"] == learned["vzclone:9050"]
+    sim.request_log.clear()
+    iid = await deploy(second, "pbx-2")
+    await wait_for(second, iid, state_is("awaiting_firstboot", "failed"))
+    clone_polls = [
+        r
+        for r in sim.request_log.records()
+        if r.method == "GET" and ":vzclone:" in r.path and r.path.endswith("/status")
+    ]
+    assert 1 <= len(clone_polls) <= 2
+
+
 async def test_resume_a_rollback_in_progress(
     sim: Simulator, companion_factory: Factory, tmp_path: Path
 ) -> None:
