@@ -12,8 +12,8 @@ ideal critical path (goal <= 1.10x), and the companion's CPU time per instance (
 - Ideal = max over templates of ``n_t x clone + start`` + boot: LXC clones of one template
   are serialized by PVE (the source's ``disk`` lock), everything else may overlap.
 - Round 0 is the first deploy of a fresh companion (an empty data dir): it does not know yet how
-  long PVE's tasks take and polls them on the growth schedule. It is printed on its own; the goals are
-  judged on the medians of the warm rounds after it. ``--verbose`` lists each round's PVE
+  long PVE's tasks take and polls them on the growth schedule. It is printed on its own; the
+  goals are judged on the medians of the warm rounds after it. ``--verbose`` lists each round's PVE
   requests and splits the CPU into the event-loop thread and the others (PVE workers, SQLite).
 
 Usage: ``.venv311/bin/python bench/bench_deploy.py [--rounds 7] [--clone 2] [--start 1]
