@@ -1,6 +1,6 @@
 """The HTTPS session proxmoxer sends through.
 
-proxmoxer builds the URL, signs nothing itself for tokens, and parses PVE's answer
+proxmoxer builds the URL and parses PVE's answer
 (``ProxmoxResource._request``: ``session.request(method, url, data=, params=)``, then the
 answer's ``status_code``, ``reason``, ``content`` and ``text``). The boundary gives proxmoxer this
 session in place of its ``requests`` one (docs/proxmox.md): ONE keep-alive TLS connection per
