@@ -17,6 +17,9 @@ _LOGGER = logging.getLogger(__name__)
 
 RETAIN_EVENTS = 10_000
 
+#: An event's INSERT and its parameters (ts, type, data as JSON).
+Statement = tuple[str, tuple[str, str, str]]
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -39,27 +42,22 @@ class EventBus:
 
     async def publish(self, type_: str, data: dict[str, Any]) -> Event:
         """Append an event on its own (one INSERT) and hand it to the subscribers."""
-        ts = utcnow()
-        event_id = await self._db.execute(
-            "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
-        )
-        event = Event(event_id, ts, type_, data)
+        statement = self.insert(type_, data)
+        event = self.recorded(statement, await self._db.execute(*statement), data)
         self.fanout(event)  # before anything else can commit an event: ids stay in order
-        await self._prune(self._db, event_id)
+        await self.prune(event.id)
         return event
 
-    def insert(self, type_: str, data: dict[str, Any]) -> tuple[str, tuple[str, str, str]]:
-        """The INSERT of an event for ``Database.atomic`` (its lastrowid is the event id); the
-        caller builds the ``Event`` with :meth:`recorded` and fans it out after the commit."""
+    def insert(self, type_: str, data: dict[str, Any]) -> Statement:
+        """The INSERT of an event, e.g. for ``Database.atomic`` (its lastrowid is the event id);
+        the caller builds the ``Event`` with :meth:`recorded` and fans it out after the commit."""
         return (
             "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)",
             (utcnow(), type_, dumps(data)),
         )
 
     @staticmethod
-    def recorded(
-        statement: tuple[str, tuple[str, str, str]], event_id: int, data: dict[str, Any]
-    ) -> Event:
+    def recorded(statement: Statement, event_id: int, data: dict[str, Any]) -> Event:
         """The committed event of :meth:`insert`: fan it out at once (so ids reach subscribers
         in order), then :meth:`prune`."""
         _, (ts, type_, _) = statement
@@ -71,12 +69,10 @@ class EventBus:
     async def record(self, tx: Transaction, type_: str, data: dict[str, Any]) -> Event:
         """Append an event inside the caller's write transaction (one commit for a state change
         and its event); call :meth:`fanout` with it once the transaction has committed."""
-        ts = utcnow()
-        event_id = await tx.execute(
-            "INSERT INTO events (ts, type, data) VALUES (?, ?, ?)", (ts, type_, dumps(data))
-        )
-        await self._prune(tx, event_id)
-        return Event(event_id, ts, type_, data)
+        statement = self.insert(type_, data)
+        event = self.recorded(statement, await tx.execute(*statement), data)
+        await self._prune(tx, event.id)
+        return event
 
     @staticmethod
     async def _prune(db: Database | Transaction, event_id: int) -> None:
